@@ -1,0 +1,172 @@
+"""ImageFolder datasets on Ray Data: scan, decode once, augment per epoch, shard per worker."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+import ray.data
+
+from pipeline import storage
+from pipeline.transforms import IMAGE_EXTENSIONS, ImagePreset
+
+SPLITS = ("train", "test")
+ROWS_PER_BLOCK = 64  # small blocks keep decode/augment tasks short and pipelined
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be trained on as it is (layout, classes, too many bad files)."""
+
+
+@dataclass
+class ImageFolderIndex:
+    """Files and labels of an ImageFolder tree; classes sorted as torchvision's ImageFolder does."""
+
+    root: str
+    classes: list[str]
+    files: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # split -> [(path, label)]
+
+    def counts(self, split: str) -> dict[str, int]:
+        c = {name: 0 for name in self.classes}
+        for _, label in self.files[split]:
+            c[self.classes[label]] += 1
+        return c
+
+
+def _is_hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def scan_image_folder(root: str, splits=SPLITS) -> ImageFolderIndex:
+    """List <root>/<split>/<class>/**/<image> for each split (local or s3://)."""
+    fs, base = storage.resolve(root)
+    classes: list[str] | None = None
+    files: dict[str, list[tuple[str, int]]] = {}
+    for split in splits:
+        split_dir = posixpath.join(base, split) if root.startswith("s3://") else f"{base}/{split}"
+        info = fs.get_file_info(split_dir)
+        if info.type != pafs.FileType.Directory:
+            raise DatasetError(f"{root}: missing '{split}/' folder (expected {split}/<class>/<images>)")
+        entries = fs.get_file_info(pafs.FileSelector(split_dir, recursive=True))
+        split_classes = sorted({e.path[len(split_dir) + 1:].split("/")[0] for e in entries
+                                if e.type == pafs.FileType.Directory
+                                and "/" not in e.path[len(split_dir) + 1:]
+                                and not _is_hidden(e.path[len(split_dir) + 1:])})
+        if not split_classes:
+            # Object stores have no directories: derive classes from the keys.
+            split_classes = sorted({e.path[len(split_dir) + 1:].split("/")[0] for e in entries
+                                    if e.type == pafs.FileType.File
+                                    and "/" in e.path[len(split_dir) + 1:]
+                                    and not _is_hidden(e.path[len(split_dir) + 1:])})
+        if classes is None:
+            classes = split_classes
+            if not classes:
+                raise DatasetError(f"{root}: no class folders under {split}/")
+        extra = sorted(set(split_classes) - set(classes))
+        if extra:
+            raise DatasetError(f"{root}: classes {extra} appear in {split}/ but not in {splits[0]}/")
+        index = {name: i for i, name in enumerate(classes)}
+        items = []
+        for e in entries:
+            rel = e.path[len(split_dir) + 1:]
+            if (e.type == pafs.FileType.File and "/" in rel and not _is_hidden(rel)
+                    and rel.lower().endswith(IMAGE_EXTENSIONS)):
+                items.append((e.path, index[rel.split("/")[0]]))
+        files[split] = sorted(items)
+    assert classes is not None
+    return ImageFolderIndex(root=root, classes=classes, files=files)
+
+
+# ---------------------------------------------------------------- Ray Data stages
+
+def _decode_batch(batch: dict, *, filesystem: pafs.FileSystem, preset: ImagePreset, center_crop: bool) -> dict:
+    images, bad = [], []
+    for path in batch["path"]:
+        try:
+            with filesystem.open_input_stream(path) as f:
+                img = preset.decode(f.read())
+            images.append(preset.eval(img) if center_crop else img)
+            bad.append(False)
+        except Exception:  # noqa: BLE001 - any undecodable input is counted and skipped, never fatal
+            images.append(np.zeros((1, 1, 3), np.uint8))
+            bad.append(True)
+    out = np.empty(len(images), dtype=object)
+    out[:] = images
+    return {"path": batch["path"], "label": batch["label"], "image": out, "bad": np.array(bad)}
+
+
+def _drop_bad(batch: dict) -> dict:
+    keep = ~batch["bad"]
+    image = batch["image"][keep]
+    if image.dtype == object and len(image) and len({im.shape for im in image}) == 1:
+        image = np.stack(list(image))
+    return {"image": image, "label": batch["label"][keep]}
+
+
+def _augment_batch(batch: dict, *, preset: ImagePreset) -> dict:
+    # A fresh OS-seeded generator per batch: crops are redrawn every epoch because
+    # Ray Data re-runs this stage on each pass over the decoded copy.
+    rng = np.random.default_rng()
+    return {"image": np.stack([preset.train(img, rng) for img in batch["image"]]), "label": batch["label"]}
+
+
+@dataclass
+class DecodedSplit:
+    """A split decoded once and held in Ray's object store."""
+
+    dataset: ray.data.Dataset  # columns: image (uint8 HWC), label
+    num_images: int
+    bad_files: list[str]
+
+
+def decode_split(index: ImageFolderIndex, split: str, preset: ImagePreset, *, center_crop: bool,
+                 max_bad_fraction: float, shuffle_seed: int | None = None) -> DecodedSplit:
+    """Read and decode every image of a split once; count and drop the undecodable ones.
+
+    shuffle_seed: shuffle the file list first, so every block mixes classes (the files
+    are sorted by class, and per-epoch shuffling only reorders blocks and rows nearby)."""
+    items = list(index.files[split])
+    if shuffle_seed is not None:
+        np.random.default_rng(shuffle_seed).shuffle(items)
+    if not items:
+        raise DatasetError(f"{index.root}: no images under {split}/")
+    fs, _ = storage.resolve(index.root)
+    ds = ray.data.from_items([{"path": p, "label": y} for p, y in items],
+                             override_num_blocks=max(1, min(len(items) // ROWS_PER_BLOCK + 1, 256)))
+    decoded = ds.map_batches(_decode_batch, batch_size=ROWS_PER_BLOCK, batch_format="numpy",
+                             fn_kwargs={"filesystem": fs, "preset": preset, "center_crop": center_crop}
+                             ).materialize()
+    n_bad = int(decoded.sum("bad") or 0)
+    bad_files: list[str] = []
+    if n_bad:
+        bad_files = [r["path"] for r in decoded.filter(lambda r: r["bad"]).select_columns(["path"]).take_all()]
+        if n_bad / len(items) > max_bad_fraction:
+            raise DatasetError(
+                f"{index.root}: {n_bad} of {len(items)} {split} images cannot be decoded "
+                f"({n_bad / len(items):.1%} > data.max_bad_fraction {max_bad_fraction:.1%}); "
+                f"first: {bad_files[:3]}")
+    good = decoded.map_batches(_drop_bad, batch_size=ROWS_PER_BLOCK, batch_format="numpy").materialize()
+    return DecodedSplit(dataset=good, num_images=len(items) - n_bad, bad_files=bad_files)
+
+
+def train_stream(decoded: DecodedSplit, preset: ImagePreset, task_cpus: float = 1.0) -> ray.data.Dataset:
+    """The per-epoch augmentation stage over the decoded copy (lazy: re-run every epoch).
+
+    Block order is redrawn each epoch; the training loop's local shuffle buffer mixes
+    rows across blocks. task_cpus below 1 lets crop/flip tasks fit beside training
+    workers that hold most CPUs."""
+    return decoded.dataset.randomize_block_order().map_batches(_augment_batch, batch_size=32, batch_format="numpy",
+                                       num_cpus=task_cpus, fn_kwargs={"preset": preset})
+
+
+def split_for_ranks(decoded: DecodedSplit, world_size: int) -> list[ray.data.Dataset]:
+    """Exact, disjoint shards for evaluation: each image counted once.
+
+    Ray Train's own split uses equal=True, which may drop rows to balance them;
+    that is right for training (DDP needs equal steps) but wrong for metrics."""
+    n = decoded.num_images
+    cuts = [n * r // world_size for r in range(1, world_size)]
+    return list(decoded.dataset.split_at_indices(cuts)) if cuts else [decoded.dataset]

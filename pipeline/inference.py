@@ -1,0 +1,41 @@
+"""Load a trained checkpoint back into a model and run it on images."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.model import build_model
+from pipeline.train_loop import load_checkpoint, use_bf16
+from pipeline.transforms import ImagePreset, Normalizer
+
+
+class Classifier:
+    """A checkpoint's model with its own preprocessing (classes, mean/std, crop sizes, precision)."""
+
+    def __init__(self, checkpoint_dir: str, device: str = "cpu"):
+        state = load_checkpoint(checkpoint_dir)
+        self.classes: list[str] = state["classes"]
+        self.config: dict = state["config"]
+        self.epoch: int = state["epoch"]
+        self.device = torch.device(device)
+        self.model = build_model(state["arch"], len(self.classes))
+        self.model.load_state_dict(state["model"])
+        self.model.eval().to(self.device)
+        data, scaling = self.config["data"], self.config["scaling"]
+        self.preset = ImagePreset(data["image_size"], data["resize_size"])
+        self.normalize = Normalizer(state["mean"], state["std"], scaling["channels_last"]).to(self.device)
+        self.bf16 = use_bf16(scaling["precision"], self.device)
+        if scaling["channels_last"]:
+            self.model.to(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """uint8 NHWC eval-cropped images -> class probabilities (N, C)."""
+        x = self.normalize(torch.as_tensor(images, device=self.device))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(x)
+        return torch.softmax(logits.float(), 1).cpu().numpy()
+
+    def prepare(self, encoded: bytes) -> np.ndarray:
+        return self.preset.eval(self.preset.decode(encoded))

@@ -1,0 +1,135 @@
+"""torchvision classifiers with a new head, pretrained weights and freezing options."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+
+from pipeline.config import ARCHS, ConfigError, ModelConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Where each architecture keeps its final Linear layer (the head to replace).
+HEADS = {"resnet18": "fc", "resnet34": "fc", "resnet50": "fc", "mobilenet_v2": "classifier.1"}
+
+
+@dataclass
+class SourceWeights:
+    """A pretrained state_dict with what belongs to it: normalization and category names."""
+
+    state_dict: dict | None
+    mean: tuple
+    std: tuple
+    categories: list[str] | None
+
+
+def _sidecar(path: str) -> dict:
+    side = os.path.splitext(path)[0] + ".json"
+    if os.path.exists(side):
+        with open(side) as fh:
+            return json.load(fh)
+    return {}
+
+
+def load_source_weights(cfg: ModelConfig, progress: bool = False) -> SourceWeights:
+    """Resolve cfg.weights to a state_dict plus mean/std (flags override what the weights carry)."""
+    if cfg.arch not in ARCHS:
+        raise ConfigError("model.arch", cfg.arch, f"valid: {', '.join(ARCHS)}")
+    if cfg.weights == "none":
+        sd, mean, std, cats = None, IMAGENET_MEAN, IMAGENET_STD, None
+    elif cfg.weights == "imagenet":
+        enum = torchvision.models.get_model_weights(cfg.arch).DEFAULT
+        if cfg.weights_mirror:
+            url = cfg.weights_mirror.rstrip("/") + "/" + enum.url.rsplit("/", 1)[1]
+            # check_hash: torchvision file names carry a sha256 prefix; a corrupt mirror is refused.
+            sd = torch.hub.load_state_dict_from_url(url, progress=progress, check_hash=True)
+        else:
+            sd = enum.get_state_dict(progress=progress, check_hash=True)
+        preset = enum.transforms()
+        mean, std, cats = tuple(preset.mean), tuple(preset.std), list(enum.meta["categories"])
+    else:
+        sd = torch.load(cfg.weights, map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+            sd = sd["model"]  # one of our own checkpoints
+        side = _sidecar(cfg.weights)
+        mean = tuple(side.get("mean", IMAGENET_MEAN))
+        std = tuple(side.get("std", IMAGENET_STD))
+        cats = side.get("categories")
+    mean = tuple(cfg.mean) if cfg.mean else mean
+    std = tuple(cfg.std) if cfg.std else std
+    return SourceWeights(sd, mean, std, cats)
+
+
+def head_of(model: nn.Module, arch: str) -> nn.Linear:
+    return model.get_submodule(HEADS[arch])
+
+
+def build_model(arch: str, num_classes: int, source: SourceWeights | None = None) -> nn.Module:
+    """The architecture with source weights loaded (strict) and a fresh Xavier-normal head."""
+    model = torchvision.models.get_model(arch, weights=None)
+    if source is not None and source.state_dict is not None:
+        model.load_state_dict(source.state_dict, strict=True)
+    old = head_of(model, arch)
+    head = nn.Linear(old.in_features, num_classes)
+    nn.init.xavier_normal_(head.weight)
+    nn.init.zeros_(head.bias)
+    parent_name, _, leaf = HEADS[arch].rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, head)
+    return model
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Freeze BN affine parameters; set_train_mode keeps the layers in eval mode."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+
+def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """model.train(), except frozen BN layers keep their running statistics (eval mode)."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def param_groups(model: nn.Module, arch: str, lr: float, head_lr_mult: float) -> list[dict]:
+    """Backbone at lr, head at lr x head_lr_mult (one group when the multiplier is 1)."""
+    head_ids = {id(p) for p in head_of(model, arch).parameters()}
+    head = [p for p in model.parameters() if id(p) in head_ids and p.requires_grad]
+    body = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
+    if head_lr_mult == 1.0:
+        return [{"params": body + head, "lr": lr, "name": "all"}]
+    return [{"params": body, "lr": lr, "name": "backbone"},
+            {"params": head, "lr": lr * head_lr_mult, "name": "head"}]
+
+
+def make_optimizer(model: nn.Module, cfg) -> torch.optim.SGD:
+    """SGD over param_groups with the config's derived lr, head multiplier, momentum and decay."""
+    return torch.optim.SGD(param_groups(model, cfg.model.arch, cfg.lr, cfg.head_lr_mult), lr=cfg.lr,
+                           momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+
+
+def make_scheduler(optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step multiplier: linear warmup over warmup_epochs, then cosine to 0 (or constant)."""
+    total = max(1, cfg.optim.epochs * steps_per_epoch)
+    warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    cosine = cfg.optim.schedule == "cosine"
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if not cosine:
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,163 @@
+"""Driver side of a training run: resources, datasets, TorchTrainer, artifacts."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import ray
+import ray.data
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from pipeline import data, plots, storage
+from pipeline.config import Config, describe
+from pipeline.model import load_source_weights
+from pipeline.train_loop import train_loop_per_worker
+from pipeline.transforms import ImagePreset
+
+
+@dataclass
+class Resources:
+    """How the run maps onto the cluster, decided once and printed."""
+
+    use_gpu: bool
+    cpus_per_worker: float
+    torch_threads: int
+    data_task_cpus: float
+
+    def __str__(self) -> str:
+        return (f"use_gpu={self.use_gpu} cpus_per_worker={self.cpus_per_worker:g} "
+                f"torch_threads={self.torch_threads} data_task_cpus={self.data_task_cpus:g}")
+
+
+def plan_resources(cfg: Config, cluster: dict) -> Resources:
+    """GPUs when present (unless told otherwise); on CPU clusters share the CPUs left after Ray Data."""
+    s = cfg.scaling
+    gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 1)
+    use_gpu = gpus > 0 if s.use_gpu == "auto" else s.use_gpu == "true"
+    if s.cpus_per_worker is not None:
+        per_worker = s.cpus_per_worker
+    elif use_gpu:
+        per_worker = 1.0
+    else:
+        # Leave data_cpus for the augmentation stage, or training workers would
+        # hold every CPU and the data pipeline could never be scheduled.
+        per_worker = max(0.25, math.floor((cpus - s.data_cpus) / s.workers * 4) / 4)
+    threads = max(1, round(per_worker)) if not use_gpu else max(1, int(per_worker))
+    # Two augmentation tasks can run in the CPUs kept for data, so one never waits on the other.
+    data_task_cpus = 1.0 if use_gpu else min(1.0, max(0.05, s.data_cpus / 2))
+    return Resources(use_gpu, per_worker, threads, data_task_cpus)
+
+
+def init_ray(cfg: Config) -> None:
+    if ray.is_initialized():
+        return
+    # Empty address: join the cluster of a `ray job submit` (RAY_ADDRESS) or start a local one.
+    ray.init(address=cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None,
+             log_to_driver=True, configure_logging=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.print_on_execution_start = False
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.run.name or f"{cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: str
+    history: list[dict]
+    best: dict
+    best_checkpoint: str
+    wall_s: float
+
+
+def _write_artifacts(run_dir: str, history: list[dict], title: str) -> None:
+    storage.write_bytes(storage.join(run_dir, "metrics.json"), json.dumps(history, indent=1).encode())
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    storage.write_bytes(storage.join(run_dir, "metrics.csv"), buf.getvalue().encode())
+    storage.write_bytes(storage.join(run_dir, "curves.png"), plots.learning_curves(history, title))
+
+
+def _preview(stream: ray.data.Dataset, classes: list[str], n: int) -> bytes:
+    rows = stream.take(n)
+    return plots.image_grid([r["image"] for r in rows], [classes[r["label"]] for r in rows])
+
+
+def run_training(cfg: Config) -> TrainOutcome:
+    """The whole local or cluster run; cfg must already be validated."""
+    t_start = time.perf_counter()
+    name = run_name(cfg)
+    run_dir = storage.join(cfg.run.storage, name)
+    print(describe(cfg), flush=True)
+    init_ray(cfg)
+    res = plan_resources(cfg, ray.cluster_resources())
+    print(f"run: {run_dir}\nresources: {res}  workers={cfg.scaling.workers}", flush=True)
+
+    index = data.scan_image_folder(cfg.data.path)
+    source = load_source_weights(cfg.model, progress=sys.stderr.isatty())
+    preset = ImagePreset(cfg.data.image_size, cfg.data.resize_size)
+    train = data.decode_split(index, "train", preset, center_crop=False,
+                              max_bad_fraction=cfg.data.max_bad_fraction, shuffle_seed=cfg.optim.seed)
+    test = data.decode_split(index, "test", preset, center_crop=True,
+                             max_bad_fraction=cfg.data.max_bad_fraction)
+    skipped = len(train.bad_files) + len(test.bad_files)
+    print(f"data: {len(index.classes)} classes {index.classes}; train {train.num_images} images, "
+          f"test {test.num_images}; skipped {skipped} undecodable"
+          f" | normalization mean={tuple(round(x, 4) for x in source.mean)}"
+          f" std={tuple(round(x, 4) for x in source.std)}"
+          f" | decoded in {time.perf_counter() - t_start:.1f} s", flush=True)
+
+    train_stream = data.train_stream(train, preset, res.data_task_cpus)
+    if cfg.data.preview_images:
+        storage.write_bytes(storage.join(run_dir, "preview.png"),
+                            _preview(train_stream, index.classes, cfg.data.preview_images))
+
+    datasets = {"train": train_stream}
+    for rank, shard in enumerate(data.split_for_ranks(test, cfg.scaling.workers)):
+        datasets[f"test_{rank}"] = shard
+    meta = {"classes": index.classes, "mean": list(source.mean), "std": list(source.std),
+            "arch": cfg.model.arch, "skipped_images": skipped,
+            # Ray Train's equal split gives every rank floor(n / workers) rows.
+            "steps_per_epoch": math.ceil(train.num_images // cfg.scaling.workers
+                                         / (cfg.data.batch_size // cfg.scaling.workers))}
+    fs, storage_path = storage.resolve(cfg.run.storage)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "meta": meta, "torch_threads": res.torch_threads,
+                           "source": ray.put(source) if source.state_dict is not None else None},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=res.use_gpu,
+                                               resources_per_worker={"CPU": res.cpus_per_worker}),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=fs,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our epoch line says it all
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
+                                                         checkpoint_score_attribute="test_acc",
+                                                         checkpoint_score_order="max")),
+    )
+    result = trainer.fit()
+    history = result.return_value or []
+    best_ckpt = result.get_best_checkpoint(metric="test_acc", mode="max")
+    best = max(history, key=lambda h: h["test_acc"])
+    _write_artifacts(run_dir, history, f"{cfg.model.arch} on {os.path.basename(cfg.data.path.rstrip('/'))}")
+    wall = time.perf_counter() - t_start
+    best_path = best_ckpt.path if best_ckpt else ""
+    if cfg.run.storage.startswith("s3://") and best_path and not best_path.startswith("s3://"):
+        best_path = "s3://" + best_path
+    print(f"best epoch {best['epoch']}: test acc {best['test_acc']:.3f}  train acc {best['train_acc']:.3f}  "
+          f"loss {best['train_loss']:.3f}\ncheckpoint: {best_path}\nrun folder: {run_dir}  "
+          f"(metrics.csv, metrics.json, curves.png, preview.png)\nwall time {wall:.1f} s", flush=True)
+    return TrainOutcome(run_dir, history, best, best_path, wall)

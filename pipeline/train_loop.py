@@ -1,0 +1,180 @@
+"""The per-worker training loop run by Ray Train's TorchTrainer (DDP)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.model import SourceWeights, build_model, freeze_batchnorm, make_optimizer, make_scheduler, set_train_mode
+from pipeline.transforms import Normalizer
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # Without native bf16 instructions autocast is slower than fp32 on a CPU.
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str, world_size: int) -> tuple:
+    """(loss to backpropagate, summed loss for metrics) for the chosen convention.
+
+    mean: DDP averages the ranks' gradients of equal local-batch means -> the global-batch mean.
+    sum (d2l's loss.sum()): DDP still averages over ranks, so scale by world_size to get the
+    gradient of the sum over the global batch, identical to a single process's."""
+    loss_sum = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+    loss = loss_sum / labels.numel() if reduction == "mean" else loss_sum * world_size
+    return loss, loss_sum.detach()
+
+
+def save_checkpoint(directory: str, state: dict) -> None:
+    """checkpoint.pt (everything, loadable with weights_only=True) + config.yaml for humans."""
+    torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
+    with open(os.path.join(directory, "config.yaml"), "w") as fh:
+        yaml.safe_dump(state["config"], fh, sort_keys=False)
+
+
+def load_checkpoint(directory: str) -> dict:
+    return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+
+class EpochRunner:
+    """One worker's model, optimizer and loops; state_dict() is what a checkpoint holds."""
+
+    def __init__(self, cfg: Config, meta: dict, source: SourceWeights | None):
+        self.cfg, self.meta = cfg, meta
+        self.device = ray.train.torch.get_device()
+        self.bf16 = use_bf16(cfg.scaling.precision, self.device)
+        model = build_model(cfg.model.arch, len(meta["classes"]), source)
+        if cfg.model.freeze_bn:
+            freeze_batchnorm(model)
+        fmt = torch.channels_last if cfg.scaling.channels_last else torch.contiguous_format
+        self.raw_model = model.to(self.device, memory_format=fmt)
+        self.model = ray.train.torch.prepare_model(self.raw_model)
+        self.optimizer = make_optimizer(self.raw_model, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, meta["steps_per_epoch"])
+        self.normalize = Normalizer(meta["mean"], meta["std"], cfg.scaling.channels_last).to(self.device)
+        self.world = ray.train.get_context().get_world_size()
+        self.local_batch = cfg.data.batch_size // self.world
+
+    def _batches(self, shard, shuffle: bool = False):
+        # The buffer mixes rows across several blocks: SGD needs class-mixed batches.
+        return shard.iter_torch_batches(batch_size=self.local_batch, device=self.device, prefetch_batches=2,
+                                        local_shuffle_buffer_size=4 * self.local_batch if shuffle else None,
+                                        dtypes={"image": torch.uint8, "label": torch.int64})
+
+    def train_epoch(self, shard) -> dict:
+        set_train_mode(self.model, self.cfg.model.freeze_bn)
+        # Sums kept on the device: no host sync per batch, one all-reduce per epoch.
+        stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        for batch in self._batches(shard, shuffle=True):
+            x, y = self.normalize(batch["image"]), batch["label"]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self.model(x)
+            loss, loss_sum = training_loss(logits, y, self.cfg.optim.loss_reduction, self.world)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            stats += torch.stack([loss_sum.double(), (logits.argmax(1) == y).sum().double(),
+                                  torch.tensor(y.numel(), dtype=torch.float64, device=self.device)])
+        loss_sum, correct, count = _all_reduce(stats).tolist()
+        return {"train_loss": loss_sum / max(count, 1), "train_acc": correct / max(count, 1),
+                "train_images": int(count)}
+
+    @torch.no_grad()
+    def evaluate(self, shard) -> dict:
+        self.model.eval()
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)  # correct, count
+        if shard is not None:
+            for batch in self._batches(shard):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    logits = self.model(self.normalize(batch["image"]))
+                y = batch["label"]
+                stats += torch.stack([(logits.argmax(1) == y).sum().double(),
+                                      torch.tensor(y.numel(), dtype=torch.float64, device=self.device)])
+        correct, count = _all_reduce(stats).tolist()
+        return {"test_acc": correct / max(count, 1), "test_images": int(count)}
+
+    def state_dict(self) -> dict:
+        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def train_loop_per_worker(loop_config: dict) -> list:
+    """Entry point on every worker. Returns the epoch history (rank 0's is the run's)."""
+    cfg = Config.from_dict(loop_config["config"])
+    meta = loop_config["meta"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    threads = loop_config.get("torch_threads")
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(cfg.optim.seed)  # same head init on every rank (DDP also broadcasts it)
+    source = loop_config.get("source")
+    runner = EpochRunner(cfg, meta, ray.get(source) if source is not None else None)
+
+    history: list = []
+    start_epoch = 1
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(d)
+        runner.load_state_dict(state)
+        torch.set_rng_state(state["rng"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        if rank == 0:
+            print(f"resuming from epoch {state['epoch']} checkpoint", flush=True)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard(f"test_{rank}")
+    epochs = cfg.optim.epochs
+    for epoch in range(start_epoch, epochs + 1):
+        t0 = time.perf_counter()
+        metrics = runner.train_epoch(train_shard)
+        train_s = time.perf_counter() - t0
+        metrics.update(runner.evaluate(eval_shard))
+        metrics.update(epoch=epoch, examples_per_sec=metrics["train_images"] / train_s,
+                       epoch_time_s=time.perf_counter() - t0, skipped_images=meta["skipped_images"])
+        history.append(metrics)
+        if rank == 0:
+            print(f"epoch {epoch}/{epochs}  loss {metrics['train_loss']:.3f}  train acc {metrics['train_acc']:.3f}"
+                  f"  test acc {metrics['test_acc']:.3f}  {metrics['examples_per_sec']:.1f} examples/sec"
+                  f"  ({metrics['epoch_time_s']:.1f} s)", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(tmp, {**runner.state_dict(), "epoch": epoch, "config": loop_config["config"],
+                                      "history": history, "rng": torch.get_rng_state(),
+                                      **{k: meta[k] for k in ("classes", "mean", "std", "arch")}})
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+    return history

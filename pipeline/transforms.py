@@ -1,0 +1,120 @@
+"""The image preset shared by training, evaluation, prediction and the benchmark peer.
+
+Images are decoded ONCE per run into a uint8 copy whose shorter side is
+``resize_size``; per-epoch work is then only crop + flip on uint8 (cheap), and
+float conversion + normalization happen in the training loop, on the GPU when
+there is one.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+from torchvision.transforms.v2 import functional as F
+
+# A 10000x10000 image is a legitimate photo, not a decompression bomb; the JPEG
+# draft mode below keeps its decode memory bounded anyway.
+Image.MAX_IMAGE_PIXELS = 20_000 * 20_000
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a bad image, counted and skipped
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: grayscale, palette, RGBA/LA (on white), CMYK, 16-bit."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits instead of letting convert() clip at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImagePreset:
+    """d2l's recipe: train RandomResizedCrop(224)+flip, eval Resize(256)+CenterCrop(224)."""
+
+    image_size: int = 224
+    resize_size: int = 256
+    scale: tuple = (0.08, 1.0)
+    ratio: tuple = (3 / 4, 4 / 3)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Encoded bytes -> RGB uint8 HWC, EXIF orientation applied, shorter side = resize_size.
+
+        Raises on anything that is not a decodable image (the caller counts it)."""
+        img = Image.open(io.BytesIO(data))
+        # JPEG draft decodes at 1/2, 1/4 or 1/8 scale directly: large photos cost a
+        # fraction of the time and memory, and we only keep resize_size anyway.
+        img.draft("RGB", (self.resize_size, self.resize_size))
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+        w, h = img.size
+        if min(w, h) != self.resize_size:
+            s = self.resize_size / min(w, h)
+            img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR,
+                             reducing_gap=None if s > 0.5 else 3.0)
+        return np.asarray(img, dtype=np.uint8)
+
+    def eval(self, img: np.ndarray) -> np.ndarray:
+        """Decoded (shorter side resize_size) -> CenterCrop(image_size)."""
+        h, w = img.shape[:2]
+        top, left = (h - self.image_size) // 2, (w - self.image_size) // 2
+        return np.ascontiguousarray(img[top:top + self.image_size, left:left + self.image_size])
+
+    def crop_box(self, h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """torchvision's RandomResizedCrop.get_params, drawn from a numpy Generator."""
+        area = h * w
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < cw <= w and 0 < ch <= h:
+                return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+        in_ratio = w / h  # fallback: the central crop, as torchvision does
+        if in_ratio < self.ratio[0]:
+            cw, ch = w, round(w / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            ch, cw = h, round(h * self.ratio[1])
+        else:
+            cw, ch = w, h
+        return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+    def train(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """RandomResizedCrop(image_size) + RandomHorizontalFlip on uint8 HWC."""
+        top, left, ch, cw = self.crop_box(img.shape[0], img.shape[1], rng)
+        crop = np.array(img[top:top + ch, left:left + cw])  # a copy: Ray's blocks are read-only
+        chw = torch.from_numpy(crop).permute(2, 0, 1)
+        out = F.resize(chw, [self.image_size, self.image_size], antialias=True)  # uint8 SIMD path
+        if rng.random() < 0.5:
+            out = out.flip(-1)
+        return out.permute(1, 2, 0).contiguous().numpy()
+
+
+class Normalizer(torch.nn.Module):
+    """uint8 NHWC batch -> normalized float NCHW (channels_last strides), on the batch's device."""
+
+    def __init__(self, mean, std, channels_last: bool = True):
+        super().__init__()
+        self.channels_last = channels_last
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1)), persistent=False)
+        self.register_buffer("shift", -torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # NHWC permuted to NCHW *is* channels_last in memory: no copy needed.
+        x = x.permute(0, 3, 1, 2).float()
+        x = torch.addcmul(self.shift, x, self.scale)
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)

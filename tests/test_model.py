@@ -1,0 +1,116 @@
+import functools
+import hashlib
+import http.server
+import json
+import os
+import threading
+
+import pytest
+import torch
+import torchvision
+
+from pipeline.config import ModelConfig
+from pipeline.model import (
+    HEADS,
+    build_model,
+    freeze_batchnorm,
+    head_of,
+    load_source_weights,
+    param_groups,
+    set_train_mode,
+)
+
+
+@pytest.mark.parametrize("arch", list(HEADS))
+def test_head_replaced_with_xavier_linear(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=3)
+    head = head_of(model, arch)
+    assert isinstance(head, torch.nn.Linear) and head.out_features == 3
+    assert torch.count_nonzero(head.bias) == 0
+    fan_in, fan_out = head.in_features, 3
+    expected_std = (2.0 / (fan_in + fan_out)) ** 0.5
+    assert abs(head.weight.std().item() - expected_std) / expected_std < 0.15
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_two_param_groups_with_ten_x_head():
+    model = build_model("resnet18", 2)
+    groups = param_groups(model, "resnet18", lr=1e-3, head_lr_mult=10)
+    assert [g["name"] for g in groups] == ["backbone", "head"]
+    assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])
+    assert {id(p) for p in groups[1]["params"]} == {id(model.fc.weight), id(model.fc.bias)}
+    n_all = sum(1 for _ in model.parameters())
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == n_all
+    one = param_groups(model, "resnet18", lr=1e-3, head_lr_mult=1.0)
+    assert len(one) == 1 and len(one[0]["params"]) == n_all
+
+
+def test_frozen_batchnorm_stays_frozen_through_training_steps():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2)
+    freeze_batchnorm(model)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = {k: v.clone() for k, v in model.state_dict().items() if "bn" in k or "downsample.1" in k}
+    opt = torch.optim.SGD(param_groups(model, "resnet18", 0.1, 10), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    for _ in range(2):
+        set_train_mode(model, freeze_bn=True)
+        assert all(not m.training for m in bns) and model.fc.training
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 0, 1]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights, biases, running stats, counters
+    assert not torch.equal(model.conv1.weight, build_model("resnet18", 2).conv1.weight)
+
+
+def test_state_dict_file_with_sidecar(tmp_path):
+    sd = torchvision.models.mobilenet_v2().state_dict()
+    path = tmp_path / "w.pth"
+    torch.save(sd, path)
+    (tmp_path / "w.json").write_text(json.dumps({"mean": [0.5] * 3, "std": [0.5] * 3, "categories": ["a"] * 1000}))
+    src = load_source_weights(ModelConfig(arch="mobilenet_v2", weights=str(path)))
+    assert src.mean == (0.5, 0.5, 0.5) and src.std == (0.5, 0.5, 0.5) and len(src.categories) == 1000
+    flags = load_source_weights(ModelConfig(arch="mobilenet_v2", weights=str(path), mean=[0.1, 0.2, 0.3]))
+    assert flags.mean == (0.1, 0.2, 0.3)  # flags override the sidecar
+    model = build_model("mobilenet_v2", 2, src)
+    assert torch.equal(model.features[0][0].weight, sd["features.0.0.weight"])
+
+
+@pytest.fixture
+def weights_mirror(tmp_path, monkeypatch):
+    """A local HTTP server standing in for download.pytorch.org, and an empty torch hub cache."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_imagenet_weights_download_through_mirror_is_hash_checked(weights_mirror):
+    served, url = weights_mirror
+    enum = torchvision.models.ResNet18_Weights.DEFAULT
+    name = enum.url.rsplit("/", 1)[1]  # resnet18-f37072fd.pth: the sha256 prefix torch checks
+    torch.save(torchvision.models.resnet18().state_dict(), served / name)
+    assert not hashlib.sha256((served / name).read_bytes()).hexdigest().startswith("f37072fd")
+    with pytest.raises(RuntimeError, match="invalid hash value"):
+        load_source_weights(ModelConfig(arch="resnet18", weights="imagenet", weights_mirror=url))
+    cache = os.path.join(os.environ["TORCH_HOME"], "hub", "checkpoints", name)
+    assert not os.path.exists(cache)  # a corrupt download never lands in the cache
+
+
+def test_imagenet_weights_served_from_cache_with_enum_metadata(weights_mirror, monkeypatch):
+    """Once a file is in torchvision's cache nothing is downloaded; mean/std/categories come from the enum."""
+    enum = torchvision.models.ResNet18_Weights.DEFAULT
+    cache = os.path.join(os.environ["TORCH_HOME"], "hub", "checkpoints")
+    os.makedirs(cache)
+    sd = torchvision.models.resnet18().state_dict()
+    torch.save(sd, os.path.join(cache, enum.url.rsplit("/", 1)[1]))
+    src = load_source_weights(ModelConfig(arch="resnet18", weights="imagenet"))
+    assert src.mean == (0.485, 0.456, 0.406) and src.std == (0.229, 0.224, 0.225)
+    assert src.categories[934] == "hotdog"
+    assert torch.equal(src.state_dict["conv1.weight"], sd["conv1.weight"])

@@ -1,0 +1,94 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from pipeline.transforms import ImagePreset, Normalizer
+
+PRESET = ImagePreset(image_size=56, resize_size=64)
+
+
+def encode(img: Image.Image, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def gradient(w=120, h=80) -> np.ndarray:
+    x = np.linspace(0, 255, w, dtype=np.float32)
+    y = np.linspace(0, 255, h, dtype=np.float32)
+    return np.stack([np.tile(x, (h, 1)), np.tile(y[:, None], (1, w)), np.full((h, w), 128.0)], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("make", [
+    lambda a: Image.fromarray(a).convert("L"),
+    lambda a: Image.fromarray(a).convert("RGBA"),
+    lambda a: Image.fromarray(a).convert("P"),
+    lambda a: Image.fromarray(a).convert("CMYK"),
+    lambda a: Image.fromarray(a[..., 0].astype(np.uint16) * 257),
+    lambda a: Image.fromarray(a).convert("LA"),
+], ids=["L", "RGBA", "P", "CMYK", "I16", "LA"])
+def test_every_mode_decodes_to_rgb_with_shorter_side_resized(make):
+    fmt = "JPEG" if make(gradient()).mode == "CMYK" else "PNG"
+    out = PRESET.decode(encode(make(gradient()), fmt))
+    assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
+    assert min(out.shape[:2]) == 64 and out.shape[1] == 96  # 120x80 -> 96x64
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    a = np.full((70, 70), 32768, np.uint16)
+    out = PRESET.decode(encode(Image.fromarray(a)))
+    assert 120 <= out.mean() <= 135
+
+
+def test_exif_orientation_applied():
+    img = Image.fromarray(gradient(120, 80))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    out = PRESET.decode(encode(img, "JPEG", exif=exif.tobytes()))
+    assert out.shape[:2] == (96, 64)  # portrait after applying the orientation
+
+
+def test_eval_center_crop_matches_torchvision():
+    img = Image.fromarray(gradient(120, 80))
+    ours = PRESET.eval(PRESET.decode(encode(img)))
+    ref = T.Compose([T.Resize(64), T.CenterCrop(56)])(img)
+    diff = np.abs(ours.astype(int) - np.asarray(ref).astype(int))
+    assert ours.shape == (56, 56, 3) and diff.mean() < 2.0
+
+
+def test_train_crop_shape_and_randomness():
+    img = PRESET.decode(encode(Image.fromarray(gradient())))
+    rng = np.random.default_rng(0)
+    crops = [PRESET.train(img, rng) for _ in range(8)]
+    assert all(c.shape == (56, 56, 3) and c.dtype == np.uint8 for c in crops)
+    assert len({c.tobytes() for c in crops}) == 8
+    # Same generator state, same crop: reproducible when seeded.
+    assert np.array_equal(PRESET.train(img, np.random.default_rng(1)), PRESET.train(img, np.random.default_rng(1)))
+
+
+def test_crop_box_within_bounds_including_degenerate_sizes():
+    rng = np.random.default_rng(0)
+    for h, w in [(64, 64), (64, 900), (900, 64), (1, 1)]:
+        for _ in range(50):
+            top, left, ch, cw = PRESET.crop_box(h, w, rng)
+            assert 0 <= top and 0 <= left and top + ch <= h and left + cw <= w and ch >= 1 and cw >= 1
+
+
+def test_undecodable_raises():
+    from PIL import UnidentifiedImageError
+
+    with pytest.raises(UnidentifiedImageError):
+        PRESET.decode(b"not an image")
+
+
+def test_normalizer_matches_torchvision_and_is_channels_last():
+    x = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    out = Normalizer(mean, std)(x)
+    ref = T.Normalize(mean, std)(x.permute(0, 3, 1, 2).float() / 255)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
