@@ -83,9 +83,10 @@ class OptimConfig:
                                        "1 (a single group) from scratch.", flag="--head-lr-mult")
     momentum: float = _f(0.9, "SGD momentum (the seed uses 0).", flag="--momentum")
     weight_decay: float = _f(1e-3, "SGD weight decay.", flag="--weight-decay")
-    schedule: str = _f("cosine", "LR schedule per step: 'cosine' (decay to 0 over the run) or 'constant' (the seed).")
-    warmup_epochs: float = _f(1.0, "Linear LR warmup from 0 over this many epochs (0 = none, the seed); keeps "
-                              "the fresh head's first large gradients from knocking the backbone off.")
+    schedule: str = _f("constant", "LR schedule per step: 'constant' (the seed) or 'cosine' (decay to 0 over "
+                       "the run; steadier last epochs on long runs).")
+    warmup_epochs: float = _f(0.0, "Linear LR warmup from 0 over this many epochs (0 = none, the seed); helps "
+                              "large learning rates (Tune's upper range) past the fresh head's first steps.")
     loss_reduction: str = _f("mean", "'mean': loss averaged over the global batch; 'sum': summed over the "
                              "global batch as d2l does (lr then means the seed's lr).")
     seed: int = _f(0, "Random seed for model init and data order.", flag="--seed")

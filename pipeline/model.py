@@ -113,6 +113,14 @@ def param_groups(model: nn.Module, arch: str, lr: float, head_lr_mult: float) ->
             {"params": head, "lr": lr * head_lr_mult, "name": "head"}]
 
 
+def build_for_config(cfg, num_classes: int, source: SourceWeights | None = None) -> nn.Module:
+    """build_model plus the config's freezing: what every worker trains and every checkpoint holds."""
+    model = build_model(cfg.model.arch, num_classes, source)
+    if cfg.model.freeze_bn:
+        freeze_batchnorm(model)
+    return model
+
+
 def make_optimizer(model: nn.Module, cfg) -> torch.optim.SGD:
     """SGD over param_groups with the config's derived lr, head multiplier, momentum and decay."""
     return torch.optim.SGD(param_groups(model, cfg.model.arch, cfg.lr, cfg.head_lr_mult), lr=cfg.lr,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 
@@ -14,10 +15,17 @@ import yaml
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.model import SourceWeights, build_model, freeze_batchnorm, make_optimizer, make_scheduler, set_train_mode
+from pipeline.model import SourceWeights, build_for_config, make_optimizer, make_scheduler, set_train_mode
 from pipeline.transforms import Normalizer
 
 CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def say(line: str) -> None:
+    """One line to the job's output. Not print(): Ray Train patches print on workers and
+    the patched print shows each line twice (console tee + logger) in the driver."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -69,9 +77,7 @@ class EpochRunner:
         self.cfg, self.meta = cfg, meta
         self.device = ray.train.torch.get_device()
         self.bf16 = use_bf16(cfg.scaling.precision, self.device)
-        model = build_model(cfg.model.arch, len(meta["classes"]), source)
-        if cfg.model.freeze_bn:
-            freeze_batchnorm(model)
+        model = build_for_config(cfg, len(meta["classes"]), source)
         fmt = torch.channels_last if cfg.scaling.channels_last else torch.contiguous_format
         self.raw_model = model.to(self.device, memory_format=fmt)
         self.model = ray.train.torch.prepare_model(self.raw_model)
@@ -153,7 +159,7 @@ def train_loop_per_worker(loop_config: dict) -> list:
         torch.set_rng_state(state["rng"])
         history, start_epoch = state["history"], state["epoch"] + 1
         if rank == 0:
-            print(f"resuming from epoch {state['epoch']} checkpoint", flush=True)
+            say(f"resuming from epoch {state['epoch']} checkpoint")
 
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard(f"test_{rank}")
@@ -167,9 +173,9 @@ def train_loop_per_worker(loop_config: dict) -> list:
                        epoch_time_s=time.perf_counter() - t0, skipped_images=meta["skipped_images"])
         history.append(metrics)
         if rank == 0:
-            print(f"epoch {epoch}/{epochs}  loss {metrics['train_loss']:.3f}  train acc {metrics['train_acc']:.3f}"
-                  f"  test acc {metrics['test_acc']:.3f}  {metrics['examples_per_sec']:.1f} examples/sec"
-                  f"  ({metrics['epoch_time_s']:.1f} s)", flush=True)
+            say(f"epoch {epoch}/{epochs}  loss {metrics['train_loss']:.3f}  train acc {metrics['train_acc']:.3f}"
+                f"  test acc {metrics['test_acc']:.3f}  {metrics['examples_per_sec']:.1f} examples/sec"
+                f"  ({metrics['epoch_time_s']:.1f} s)")
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, {**runner.state_dict(), "epoch": epoch, "config": loop_config["config"],
                                       "history": history, "rng": torch.get_rng_state(),

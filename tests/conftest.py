@@ -1,9 +1,14 @@
 """Shared fixtures: one real in-process Ray for the session, generated image datasets."""
 
+import json
 import os
 
+import numpy as np
 import pytest
 import ray
+import torch
+import torchvision
+from PIL import Image
 
 from pipeline.synthetic import make_image_folder
 
@@ -24,3 +29,29 @@ def ray_local():
 def tiny_dataset(tmp_path_factory):
     """Two visually distinct classes, 64 px JPEGs: 32 train + 12 test images per class."""
     return make_image_folder(str(tmp_path_factory.mktemp("tiny")), train_per_class=32, test_per_class=12, size=64)
+
+
+@pytest.fixture(scope="session")
+def source_weights(tiny_dataset, tmp_path_factory):
+    """A stand-in for pretrained weights: a random-init ResNet-18 whose BatchNorm statistics are
+    calibrated on the training images, saved as a state_dict with a sidecar (mean/std/categories).
+
+    Fine-tuned with frozen BN it behaves like real pretrained weights (consistent train and eval
+    statistics), which a from-scratch BN network cannot after a dozen steps."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batches
+    files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(tiny_dataset, "train")) for f in fs]
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB").resize((48, 48)))).permute(2, 0, 1)
+                     for f in sorted(files)]).float().div(255).sub(0.5).div(0.5)
+    model.train()
+    with torch.no_grad():
+        for chunk in x.split(16):
+            model(chunk)
+    path = tmp_path_factory.mktemp("weights") / "calibrated_resnet18.pth"
+    torch.save(model.state_dict(), path)
+    categories = [f"class{i}" for i in range(1000)]
+    path.with_suffix(".json").write_text(json.dumps({"mean": [0.5] * 3, "std": [0.5] * 3, "categories": categories}))
+    return str(path)
