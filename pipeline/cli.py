@@ -10,15 +10,42 @@ from pipeline.config import ConfigError, add_config_args, config_from_args
 
 def _train(args) -> int:
     from pipeline.data import DatasetError
+    from pipeline.fetch import FetchError, fetch
     from pipeline.runner import run_training
 
     cfg = config_from_args(args)  # validated before any Ray work
     try:
+        if not cfg.data.path:  # a first run with no --data: the d2l hot dog set
+            cfg.data.path = fetch("hotdog")
         run_training(cfg)
-    except DatasetError as e:
-        print(f"dataset error: {e}", file=sys.stderr)
+    except (DatasetError, FetchError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _data_fetch(args) -> int:
+    from pipeline.fetch import FetchError, fetch
+
+    try:
+        fetch(args.source, dest=args.dest, sha1=args.sha1, root=args.root)
+    except FetchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _data_check(args) -> int:
+    from pipeline.check import check_dataset, format_report
+    from pipeline.data import DatasetError
+
+    try:
+        report = check_dataset(args.path, allow_overlap=args.allow_overlap)
+    except DatasetError as e:
+        print(f"PROBLEM: {e}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    return 0 if report.ok else 1
 
 
 def _data_synth(args) -> int:
@@ -43,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--test-per-class", type=int, default=40)
     synth.add_argument("--size", type=int, default=128, help="image side in pixels")
     synth.set_defaults(func=_data_synth)
+    fetch = data.add_parser("fetch", help="download and unpack a dataset archive (resumable, sha1-verified)")
+    fetch.add_argument("source", help="'hotdog' (d2l's set) or an archive URL (with --sha1)")
+    fetch.add_argument("--dest", default="data", help="download folder (default: data)")
+    fetch.add_argument("--sha1", help="expected sha1 of the archive (required for a URL)")
+    fetch.add_argument("--root", help="folder inside the archive holding train/ and test/ (default: its stem)")
+    fetch.set_defaults(func=_data_fetch)
+    check = data.add_parser("check", help="counts, sizes, modes, undecodable files and duplicates of a dataset")
+    check.add_argument("path", help="ImageFolder root: a local folder or s3://bucket/prefix")
+    check.add_argument("--allow-overlap", action="store_true", help="train/test duplicates are a warning only")
+    check.set_defaults(func=_data_check)
     return parser
 
 

@@ -49,7 +49,7 @@ def _f(default, help: str, **kw):
 @dataclass
 class DataConfig:
     path: str = _f("", "ImageFolder root (local folder or s3://bucket/prefix) with train/<class>/* "
-                   "and test/<class>/*.", flag="--data")
+                   "and test/<class>/*. Empty: d2l's hot dog set, fetched into data/hotdog.", flag="--data")
     batch_size: int = _f(128, "Global batch size, split evenly across workers.", flag="--batch-size")
     image_size: int = _f(224, "Crop size fed to the network (RandomResizedCrop / CenterCrop).")
     resize_size: int = _f(256, "Eval resize of the shorter side before CenterCrop; also the shorter side "
@@ -233,8 +233,7 @@ def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
 def validate(cfg: Config) -> Config:
     """Check every value; raise ConfigError naming the first bad one."""
     d, m, o, s, r = cfg.data, cfg.model, cfg.optim, cfg.scaling, cfg.run
-    _check(bool(d.path), "data.path", d.path, "required: an ImageFolder root (local folder or s3://)")
-    if not d.path.startswith("s3://"):
+    if d.path and not d.path.startswith("s3://"):
         _check(os.path.isdir(d.path), "data.path", d.path, "no such folder")
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
     _check(d.batch_size >= s.workers and d.batch_size % s.workers == 0, "data.batch_size", d.batch_size,

@@ -175,7 +175,8 @@ def train_loop_per_worker(loop_config: dict) -> list:
         if rank == 0:
             say(f"epoch {epoch}/{epochs}  loss {metrics['train_loss']:.3f}  train acc {metrics['train_acc']:.3f}"
                 f"  test acc {metrics['test_acc']:.3f}  {metrics['examples_per_sec']:.1f} examples/sec"
-                f"  ({metrics['epoch_time_s']:.1f} s)")
+                f"  ({metrics['epoch_time_s']:.1f} s)"
+                + (f"  [{meta['skipped_images']} undecodable images skipped]" if meta["skipped_images"] else ""))
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, {**runner.state_dict(), "epoch": epoch, "config": loop_config["config"],
                                       "history": history, "rng": torch.get_rng_state(),
