@@ -36,7 +36,7 @@ def messy_dataset(tmp_path_factory):
     open(os.path.join(d, "empty.jpg"), "wb").close()
     open(os.path.join(d, "text.jpg"), "w").write("this is not an image\n")
     good.convert("CMYK").save(os.path.join(d, "cmyk.jpg"))
-    Image.fromarray((np.asarray(good.convert("L"), np.uint16) * 257)).save(os.path.join(d, "sixteen.png"))
+    Image.fromarray(np.asarray(good.convert("L"), np.uint16) * 257).save(os.path.join(d, "sixteen.png"))
     good.convert("L").save(os.path.join(d, "gray.png"))
     good.convert("RGBA").save(os.path.join(d, "rgba.png"))
     good.convert("P").save(os.path.join(d, "palette.png"))
