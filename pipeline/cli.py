@@ -9,16 +9,18 @@ from pipeline.config import ConfigError, add_config_args, config_from_args
 
 
 def _train(args) -> int:
+    from pipeline import storage
     from pipeline.data import DatasetError
     from pipeline.fetch import FetchError, fetch
     from pipeline.runner import run_training
 
     cfg = config_from_args(args)  # validated before any Ray work
+    storage.configure_endpoint(cfg.run.s3_endpoint)
     try:
         if not cfg.data.path:  # a first run with no --data: the d2l hot dog set
             cfg.data.path = fetch("hotdog")
         run_training(cfg)
-    except (DatasetError, FetchError) as e:
+    except (DatasetError, FetchError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
@@ -56,6 +58,40 @@ def _data_synth(args) -> int:
     return 0
 
 
+def _data_stage(args) -> int:
+    from pipeline import storage
+    from pipeline.stage import stage
+
+    storage.configure_endpoint(args.s3_endpoint)
+    try:
+        stage(args.src, args.dest)
+    except storage.StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _runs(args) -> int:
+    from pipeline import runs, storage
+
+    storage.configure_endpoint(args.s3_endpoint)
+    try:
+        if args.runs_command == "list":
+            rows = runs.list_runs(args.storage)
+            print(f"{'run':<32} {'epochs':>6} {'best test acc':>14} {'best epoch':>10}  state")
+            for r in rows:
+                acc = f"{r['best_test_acc']:.3f}" if r["best_test_acc"] is not None else "-"
+                print(f"{r['name']:<32} {r['epochs']:>6} {acc:>14} {r['best_epoch'] or '-':>10}  {r['state']}")
+        elif args.runs_command == "show":
+            print(runs.show_run(args.run))
+        else:
+            print(f"checkpoint: {runs.download_run(args.run, args.dest, best=args.best)}")
+    except (FileNotFoundError, storage.StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path", help="ImageFolder root: a local folder or s3://bucket/prefix")
     check.add_argument("--allow-overlap", action="store_true", help="train/test duplicates are a warning only")
     check.set_defaults(func=_data_check)
+    stage = data.add_parser("stage", help="upload a local ImageFolder dataset to s3:// (idempotent, verified)")
+    stage.add_argument("src")
+    stage.add_argument("dest", help="s3://bucket/prefix")
+    stage.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default: AWS_ENDPOINT_URL[_S3])")
+    stage.set_defaults(func=_data_stage)
+
+    runs = sub.add_parser("runs", help="runs in a storage location").add_subparsers(dest="runs_command",
+                                                                                    required=True)
+    for name, helptext in (("list", "runs under STORAGE"), ("show", "per-epoch metrics and checkpoints of RUN"),
+                           ("download", "copy RUN's latest (or --best) checkpoint and artifacts to DEST")):
+        p = runs.add_parser(name, help=helptext)
+        p.add_argument("storage" if name == "list" else "run", help="local folder or s3://bucket/prefix")
+        if name == "download":
+            p.add_argument("dest")
+            p.add_argument("--best", action="store_true", help="the best checkpoint by test accuracy")
+        p.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default: AWS_ENDPOINT_URL[_S3])")
+        p.set_defaults(func=_runs)
     return parser
 
 

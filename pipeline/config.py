@@ -69,6 +69,7 @@ class ModelConfig:
     std: list | None = _f(None, "Normalization std (3 floats), as for mean.", flag="--std")
     freeze_bn: bool = _f(False, "Keep BatchNorm layers in eval mode with frozen affine parameters "
                          "(required for BN-folded weights).", flag="--freeze-bn")
+    weights_sha256: str = _f("", "Expected sha256 of a weights file (checked when fetched from s3://).")
     weights_mirror: str = _f("", "Base URL to fetch torchvision weight files from instead of "
                              "download.pytorch.org (air-gapped mirrors).")
 
@@ -110,6 +111,10 @@ class RunConfig:
     storage: str = _f("runs", "Where results and checkpoints go: a local folder or s3://bucket/prefix.",
                       flag="--storage")
     keep_checkpoints: int = _f(2, "Checkpoints kept, best by eval accuracy.")
+    s3_endpoint: str = _f("", "S3 endpoint URL (MinIO, SeaweedFS, Ceph...). Default: AWS_ENDPOINT_URL_S3, "
+                          "AWS_ENDPOINT_URL, else AWS. Credentials come from the AWS chain, never from here.")
+    max_failures: int = _f(2, "Worker-group failures tolerated; each restarts from the latest checkpoint.")
+    crash_at_epoch: int = _f(0, "TESTING ONLY: the last worker exits once at the start of this epoch (0 = never).")
     ray_address: str = _f("", "Ray cluster to join ('auto', ray://...). Empty: in-process local Ray, "
                           "or the cluster of a `ray job submit`.")
 
@@ -271,6 +276,12 @@ def validate(cfg: Config) -> Config:
     _check(re.fullmatch(r"[A-Za-z0-9._-]*", r.name) is not None, "run.name", r.name,
            "only letters, digits, '.', '_' and '-'")
     _check(bool(r.storage), "run.storage", r.storage, "required: a local folder or s3://bucket/prefix")
+    _check(r.max_failures >= -1, "run.max_failures", r.max_failures, "must be >= 0, or -1 for unlimited")
+    _check(r.crash_at_epoch >= 0, "run.crash_at_epoch", r.crash_at_epoch, "must be >= 0")
+    _check(not r.s3_endpoint or re.match(r"^https?://", r.s3_endpoint) is not None, "run.s3_endpoint",
+           r.s3_endpoint, "must be an http:// or https:// URL")
+    _check(not m.weights_sha256 or re.fullmatch(r"[0-9a-f]{64}", m.weights_sha256) is not None,
+           "model.weights_sha256", m.weights_sha256, "must be 64 lowercase hex digits")
     _check(r.keep_checkpoints >= 1, "run.keep_checkpoints", r.keep_checkpoints, "must be >= 1")
     return cfg
 

@@ -55,10 +55,20 @@ def load_source_weights(cfg: ModelConfig, progress: bool = False) -> SourceWeigh
         preset = enum.transforms()
         mean, std, cats = tuple(preset.mean), tuple(preset.std), list(enum.meta["categories"])
     else:
-        sd = torch.load(cfg.weights, map_location="cpu", weights_only=True)
+        path = cfg.weights
+        if path.startswith("s3://"):  # air-gapped clusters: weights in the object store, cached locally
+            from pipeline.storage import cached_download
+
+            path = cached_download(path, cfg.weights_sha256)
+            try:
+                sidecar_uri = cfg.weights.rsplit(".", 1)[0] + ".json"
+                os.replace(cached_download(sidecar_uri), os.path.splitext(path)[0] + ".json")
+            except Exception:  # noqa: BLE001 - the sidecar is optional
+                pass
+        sd = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
             sd = sd["model"]  # one of our own checkpoints
-        side = _sidecar(cfg.weights)
+        side = _sidecar(path)
         mean = tuple(side.get("mean", IMAGENET_MEAN))
         std = tuple(side.get("std", IMAGENET_STD))
         cats = side.get("categories")

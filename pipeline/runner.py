@@ -101,6 +101,9 @@ def run_training(cfg: Config) -> TrainOutcome:
     name = run_name(cfg)
     run_dir = storage.join(cfg.run.storage, name)
     print(describe(cfg), flush=True)
+    # Object storage problems surface here in seconds, before Ray or any data work.
+    storage.preflight(cfg.run.storage, write=True)
+    storage.preflight(cfg.data.path, write=False)
     init_ray(cfg)
     res = plan_resources(cfg, ray.cluster_resources())
     print(f"run: {run_dir}\nresources: {res}  workers={cfg.scaling.workers}", flush=True)
@@ -144,6 +147,7 @@ def run_training(cfg: Config) -> TrainOutcome:
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=fs,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our epoch line says it all
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                          checkpoint_score_attribute="test_acc",
                                                          checkpoint_score_order="max")),

@@ -27,6 +27,12 @@ def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        # Keys from the driver's environment travel inside this (pickled) filesystem to Ray's
+        # data and train workers, which may not share that environment; they are never logged.
+        # Without them every process resolves AWS's chain itself (profile, instance role).
+        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+                      session_token=os.environ.get("AWS_SESSION_TOKEN") or None)
     # Fail fast on a dead endpoint instead of retrying for minutes.
     return pafs.S3FileSystem(connect_timeout=5, request_timeout=30,
                              retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3), **kwargs)
@@ -54,3 +60,104 @@ def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
         return f.read()
+
+
+class StorageError(RuntimeError):
+    """Object storage that cannot be used as configured: one paragraph, endpoint and bucket named."""
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key.rstrip("/")
+
+
+def s3_client(timeout: float = 10):
+    """boto3 client on the same endpoint pyarrow uses, with short timeouts (fail fast, never hang)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=s3_endpoint() or None,
+                        config=Config(connect_timeout=3, read_timeout=timeout,
+                                      retries={"max_attempts": 2, "mode": "standard"}))
+
+
+def preflight(uri: str, write: bool) -> None:
+    """Check an s3:// location before any Ray work: reachable, credentials valid, bucket present,
+    readable (and writable when write=True). Raises StorageError within seconds."""
+    if not uri.startswith("s3://"):
+        return
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
+
+    bucket, key = split_s3(uri)
+    endpoint = s3_endpoint() or "AWS S3 (default endpoint)"
+    where = f"{uri} (endpoint {endpoint}, bucket '{bucket}')"
+    client = s3_client()
+    try:
+        client.head_bucket(Bucket=bucket)
+        client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+        if write:
+            probe = f"{key}/.ray-finetune-write-check" if key else ".ray-finetune-write-check"
+            client.put_object(Bucket=bucket, Key=probe, Body=b"")
+            client.delete_object(Bucket=bucket, Key=probe)
+    except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError) as e:
+        raise StorageError(f"cannot reach {where}: {e}. Check the endpoint (--run.s3_endpoint, "
+                           "AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL) and that the server is up.") from None
+    except NoCredentialsError:
+        raise StorageError(f"no credentials for {where}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                           "AWS_PROFILE, or run with an instance role.") from None
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("404", "NoSuchBucket") or (status == 404 and e.operation_name == "HeadBucket"):
+            raise StorageError(f"bucket '{bucket}' does not exist at {endpoint} ({uri}); create it first.") from None
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
+            raise StorageError(f"credentials rejected by {where}: {code}. Check AWS_ACCESS_KEY_ID/"
+                               "AWS_SECRET_ACCESS_KEY or the profile in use.") from None
+        if code in ("403", "AccessDenied", "Forbidden") or status == 403:
+            action = "write to" if write else "read"
+            raise StorageError(f"no permission to {action} {where} ({e.operation_name}: {code}); "
+                               "the credentials are valid but the policy does not allow it.") from None
+        raise StorageError(f"{where}: {e.operation_name} failed: {code or e}") from None
+    except BotoCoreError as e:
+        raise StorageError(f"{where}: {e}") from None
+
+
+def configure_endpoint(endpoint: str) -> None:
+    """An explicit endpoint wins over the environment, for boto3 and pyarrow alike (via the variable both read here)."""
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
+
+
+def cached_download(uri: str, sha256: str = "", cache_dir: str | None = None) -> str:
+    """Fetch an s3:// object once into a local cache (verified against sha256 when given); return its path."""
+    import hashlib
+
+    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "ray-finetune", "objects")
+    bucket, key = split_s3(uri)
+    local = os.path.join(cache_dir, hashlib.sha256(f"{s3_endpoint()}|{uri}".encode()).hexdigest()[:16],
+                         posixpath.basename(key))
+
+    def digest(path: str) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    if not os.path.exists(local) or (sha256 and digest(local) != sha256):
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        tmp = f"{local}.{os.getpid()}.part"
+        s3_client(timeout=60).download_file(bucket, key, tmp)
+        got = digest(tmp)
+        if sha256 and got != sha256:
+            os.remove(tmp)
+            raise StorageError(f"{uri}: sha256 {got} does not match the expected {sha256}; not cached")
+        os.replace(tmp, local)  # atomic: concurrent fetchers on one node never see a partial file
+    return local

@@ -165,6 +165,8 @@ def train_loop_per_worker(loop_config: dict) -> list:
     eval_shard = ray.train.get_dataset_shard(f"test_{rank}")
     epochs = cfg.optim.epochs
     for epoch in range(start_epoch, epochs + 1):
+        if cfg.run.crash_at_epoch == epoch and checkpoint is None and rank == ctx.get_world_size() - 1:
+            os._exit(1)  # fault injection for tests: only the first attempt, before any restore
         t0 = time.perf_counter()
         metrics = runner.train_epoch(train_shard)
         train_s = time.perf_counter() - t0

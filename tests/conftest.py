@@ -55,3 +55,24 @@ def source_weights(tiny_dataset, tmp_path_factory):
     categories = [f"class{i}" for i in range(1000)]
     path.with_suffix(".json").write_text(json.dumps({"mean": [0.5] * 3, "std": [0.5] * 3, "categories": categories}))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real SeaweedFS S3 server on loopback for the session (buckets 'runs' and 'datasets'),
+    with its admin credentials in this process's environment; stopped by its own PID."""
+    from pipeline.devs3 import LocalS3
+
+    server = LocalS3.with_default_identities(str(tmp_path_factory.mktemp("seaweedfs"))).start()
+    for bucket in ("runs", "datasets"):
+        server.create_bucket(bucket)
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()

@@ -1,0 +1,91 @@
+"""`finetune runs list|show|download`: the runs kept in a storage location (local or s3://)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pyarrow.fs as pafs
+
+from pipeline import storage
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # written by Ray Train next to the checkpoints
+
+
+def _read_json(uri: str):
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def list_runs(store: str) -> list[dict]:
+    """One row per run folder: name, epochs finished, best test accuracy, state."""
+    fs, base = storage.resolve(store)
+    rows = []
+    for info in sorted(fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)), key=lambda i: i.path):
+        if info.type != pafs.FileType.Directory:
+            continue
+        name = info.path.rstrip("/").rsplit("/", 1)[-1]
+        run = storage.join(store, name)
+        history = _read_json(storage.join(run, "metrics.json"))
+        snap = _read_json(storage.join(run, SNAPSHOT))
+        if history:
+            best = max(history, key=lambda h: h["test_acc"])
+            rows.append({"name": name, "epochs": len(history), "best_test_acc": best["test_acc"],
+                         "best_epoch": best["epoch"], "state": "finished"})
+        elif snap:
+            results = [r["metrics"] for r in snap.get("checkpoint_results", [])]
+            best = max(results, key=lambda m: m["test_acc"]) if results else {}
+            latest = snap.get("latest_checkpoint_result") or {}
+            rows.append({"name": name, "epochs": latest.get("metrics", {}).get("epoch", 0),
+                         "best_test_acc": best.get("test_acc"), "best_epoch": best.get("epoch"),
+                         "state": "unfinished (rerun the same --name to resume)"})
+    return rows
+
+
+def _result(run: str):
+    import ray.train
+
+    fs, path = storage.resolve(run)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "snapshot found" banner here
+    return ray.train.Result.from_path(path, storage_filesystem=fs)
+
+
+def show_run(run: str) -> str:
+    history = _read_json(storage.join(run, "metrics.json"))
+    result = _result(run)
+    lines = [f"run {run}"]
+    if history is None:  # unfinished: what the checkpoints reported
+        history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+    lines.append(f"{'epoch':>5} {'loss':>8} {'train acc':>10} {'test acc':>9} {'img/s':>8} {'time s':>8}")
+    for h in history:
+        lines.append(f"{h['epoch']:>5} {h['train_loss']:>8.3f} {h['train_acc']:>10.3f} {h['test_acc']:>9.3f} "
+                     f"{h['examples_per_sec']:>8.1f} {h['epoch_time_s']:>8.1f}")
+    lines.append("checkpoints (kept, best first):")
+    for ckpt, metrics in sorted(result.best_checkpoints, key=lambda cm: -cm[1]["test_acc"]):
+        lines.append(f"  epoch {metrics['epoch']}: test acc {metrics['test_acc']:.3f}  {_uri(run, ckpt.path)}")
+    return "\n".join(lines)
+
+
+def _uri(run: str, path: str) -> str:
+    return "s3://" + path if run.startswith("s3://") and not path.startswith("s3://") else path
+
+
+def download_run(run: str, dest: str, best: bool = False) -> str:
+    """Copy the latest (or best) checkpoint and the run's artifacts to a local folder."""
+    result = _result(run)
+    ckpt = result.get_best_checkpoint("test_acc", "max") if best else result.checkpoint
+    if ckpt is None:
+        raise FileNotFoundError(f"{run}: no checkpoint")
+    os.makedirs(dest, exist_ok=True)
+    target = ckpt.to_directory(os.path.join(dest, os.path.basename(ckpt.path.rstrip("/"))))
+    for name in ("metrics.json", "metrics.csv", "curves.png", "preview.png"):
+        try:
+            data = storage.read_bytes(storage.join(run, name))
+        except (FileNotFoundError, OSError):
+            continue
+        with open(os.path.join(dest, name), "wb") as fh:
+            fh.write(data)
+    return target
