@@ -165,10 +165,14 @@ def train_loop_per_worker(loop_config: dict) -> list:
     eval_shard = ray.train.get_dataset_shard(f"test_{rank}")
     epochs = cfg.optim.epochs
     for epoch in range(start_epoch, epochs + 1):
-        if cfg.run.crash_at_epoch == epoch and checkpoint is None and rank == ctx.get_world_size() - 1:
-            os._exit(1)  # fault injection for tests: only the first attempt, before any restore
         t0 = time.perf_counter()
         metrics = runner.train_epoch(train_shard)
+        if cfg.run.crash_at_epoch == epoch and checkpoint is None and rank == ctx.get_world_size() - 1:
+            # Fault injection for tests: mid-epoch, first attempt only (never after a restore).
+            # The pause lets the controller record the previous epoch's report first, as it
+            # would have for any real crash that comes more than a moment after a report.
+            time.sleep(3)
+            os._exit(1)
         train_s = time.perf_counter() - t0
         metrics.update(runner.evaluate(eval_shard))
         metrics.update(epoch=epoch, examples_per_sec=metrics["train_images"] / train_s,
