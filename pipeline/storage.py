@@ -100,7 +100,8 @@ def preflight(uri: str, write: bool) -> None:
     where = f"{uri} (endpoint {endpoint}, bucket '{bucket}')"
     client = s3_client()
     try:
-        client.head_bucket(Bucket=bucket)
+        # A GET, not HeadBucket: HEAD responses carry no error code, so a bad secret and a
+        # missing permission would both read as a bare 403.
         client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
         if write:
             probe = f"{key}/.ray-finetune-write-check" if key else ".ray-finetune-write-check"
@@ -115,7 +116,7 @@ def preflight(uri: str, write: bool) -> None:
     except ClientError as e:
         code = str(e.response.get("Error", {}).get("Code", ""))
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code in ("404", "NoSuchBucket") or (status == 404 and e.operation_name == "HeadBucket"):
+        if code in ("404", "NoSuchBucket"):
             raise StorageError(f"bucket '{bucket}' does not exist at {endpoint} ({uri}); create it first.") from None
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
             raise StorageError(f"credentials rejected by {where}: {code}. Check AWS_ACCESS_KEY_ID/"
