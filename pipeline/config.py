@@ -69,6 +69,8 @@ class ModelConfig:
     std: list | None = _f(None, "Normalization std (3 floats), as for mean.", flag="--std")
     freeze_bn: bool = _f(False, "Keep BatchNorm layers in eval mode with frozen affine parameters "
                          "(required for BN-folded weights).", flag="--freeze-bn")
+    freeze_depth: int = _f(0, "Freeze the bottom stages: 0 = none, 1 = stem, then one more stage per step "
+                           "(resnet: 5 = all, a linear probe; mobilenet_v2: 8).", flag="--freeze-depth")
     weights_sha256: str = _f("", "Expected sha256 of a weights file (checked when fetched from s3://).")
     weights_mirror: str = _f("", "Base URL to fetch torchvision weight files from instead of "
                              "download.pytorch.org (air-gapped mirrors).")
@@ -252,6 +254,11 @@ def validate(cfg: Config) -> Config:
     if m.weights not in ("imagenet", "none") and not m.weights.startswith("s3://"):
         _check(os.path.isfile(m.weights), "model.weights", m.weights,
                "must be 'imagenet', 'none' or an existing state_dict file")
+    from pipeline.model import STAGES
+
+    if m.arch in STAGES:
+        _check(0 <= m.freeze_depth <= len(STAGES[m.arch]), "model.freeze_depth", m.freeze_depth,
+               f"must be in 0..{len(STAGES[m.arch])} for {m.arch}")
     for name, v in (("model.mean", m.mean), ("model.std", m.std)):
         _check(v is None or len(v) == 3, name, v, "must be 3 comma-separated floats (R,G,B)")
     _check(m.std is None or all(x > 0 for x in m.std), "model.std", m.std, "must be > 0")

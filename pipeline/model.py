@@ -19,6 +19,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Where each architecture keeps its final Linear layer (the head to replace).
 HEADS = {"resnet18": "fc", "resnet34": "fc", "resnet50": "fc", "mobilenet_v2": "classifier.1"}
 
+# Freeze depth k freezes the first k stages, bottom up: 1 = the stem, then one stage per step;
+# freezing every stage leaves only the head training (a linear probe).
+_RESNET_STAGES = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
+STAGES = {
+    "resnet18": _RESNET_STAGES, "resnet34": _RESNET_STAGES, "resnet50": _RESNET_STAGES,
+    # MobileNetV2's feature blocks grouped by output resolution/width, as its paper's table does.
+    "mobilenet_v2": [["features.0"], ["features.1"], ["features.2", "features.3"],
+                     ["features.4", "features.5", "features.6"],
+                     ["features.7", "features.8", "features.9", "features.10"],
+                     ["features.11", "features.12", "features.13"],
+                     ["features.14", "features.15", "features.16"], ["features.17", "features.18"]],
+}
+
 
 @dataclass
 class SourceWeights:
@@ -103,13 +116,27 @@ def freeze_batchnorm(model: nn.Module) -> None:
                 p.requires_grad_(False)
 
 
-def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
-    """model.train(), except frozen BN layers keep their running statistics (eval mode)."""
+def frozen_stages(model: nn.Module, arch: str, depth: int) -> list[nn.Module]:
+    """The modules of the first `depth` stages (see STAGES)."""
+    if hasattr(model, "module"):  # DDP
+        model = model.module
+    return [model.get_submodule(name) for stage in STAGES[arch][:depth] for name in stage]
+
+
+def freeze_bottom(model: nn.Module, arch: str, depth: int) -> None:
+    for m in frozen_stages(model, arch, depth):
+        m.requires_grad_(False)
+
+
+def set_train_mode(model: nn.Module, freeze_bn: bool, arch: str = "", freeze_depth: int = 0) -> None:
+    """model.train(), except frozen BN layers and frozen stages stay in eval mode (running statistics)."""
     model.train()
     if freeze_bn:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
+    for m in frozen_stages(model, arch, freeze_depth) if freeze_depth else []:
+        m.eval()
 
 
 def param_groups(model: nn.Module, arch: str, lr: float, head_lr_mult: float) -> list[dict]:
@@ -128,6 +155,7 @@ def build_for_config(cfg, num_classes: int, source: SourceWeights | None = None)
     model = build_model(cfg.model.arch, num_classes, source)
     if cfg.model.freeze_bn:
         freeze_batchnorm(model)
+    freeze_bottom(model, cfg.model.arch, cfg.model.freeze_depth)
     return model
 
 

@@ -94,7 +94,7 @@ class EpochRunner:
                                         dtypes={"image": torch.uint8, "label": torch.int64})
 
     def train_epoch(self, shard) -> dict:
-        set_train_mode(self.model, self.cfg.model.freeze_bn)
+        set_train_mode(self.model, self.cfg.model.freeze_bn, self.cfg.model.arch, self.cfg.model.freeze_depth)
         # Sums kept on the device: no host sync per batch, one all-reduce per epoch.
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
         for batch in self._batches(shard, shuffle=True):

@@ -114,3 +114,44 @@ def test_imagenet_weights_served_from_cache_with_enum_metadata(weights_mirror, m
     assert src.mean == (0.485, 0.456, 0.406) and src.std == (0.229, 0.224, 0.225)
     assert src.categories[934] == "hotdog"
     assert torch.equal(src.state_dict["conv1.weight"], sd["conv1.weight"])
+
+
+@pytest.mark.parametrize("arch", list(HEADS))
+def test_freeze_depth_counts_stages_bottom_up(arch):
+    from pipeline.config import Config
+    from pipeline.model import STAGES, build_for_config
+
+    cfg = Config()
+    cfg.model.arch = arch
+    cfg.model.freeze_depth = len(STAGES[arch])
+    probe = build_for_config(cfg, 2)
+    trainable = {n for n, p in probe.named_parameters() if p.requires_grad}
+    assert trainable == {f"{HEADS[arch]}.weight", f"{HEADS[arch]}.bias"}  # every stage frozen: a linear probe
+    cfg.model.freeze_depth = 1
+    stem_only = build_for_config(cfg, 2)
+    stem = STAGES[arch][0][0]
+    assert all(not p.requires_grad for n, p in stem_only.named_parameters() if n.startswith(stem + "."))
+    assert any(p.requires_grad for n, p in stem_only.named_parameters() if n.startswith(STAGES[arch][1][0] + "."))
+
+
+def test_frozen_stages_do_not_change_in_training():
+    from pipeline.config import Config
+    from pipeline.model import build_for_config
+
+    cfg = Config()
+    cfg.model.freeze_depth = 2  # stem + layer1
+    torch.manual_seed(0)
+    model = build_for_config(cfg, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(param_groups(model, "resnet18", 0.1, 10), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        set_train_mode(model, False, "resnet18", 2)
+        assert not model.layer1.training and model.layer2.training
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 0, 1]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+    for k in before:
+        frozen = k.startswith(("conv1.", "bn1.", "layer1."))
+        assert torch.equal(before[k], after[k]) == frozen or k.endswith("num_batches_tracked"), k
