@@ -26,6 +26,24 @@ def _train(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    from pipeline import storage
+    from pipeline.data import DatasetError
+    from pipeline.fetch import FetchError, fetch
+    from pipeline.search import run_search
+
+    cfg = config_from_args(args)
+    storage.configure_endpoint(cfg.run.s3_endpoint)
+    try:
+        if not cfg.data.path:
+            cfg.data.path = fetch("hotdog")
+        run_search(cfg)
+    except (DatasetError, FetchError, storage.StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _data_fetch(args) -> int:
     from pipeline.fetch import FetchError, fetch
 
@@ -98,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune a torchvision classifier on an ImageFolder dataset")
     add_config_args(train)
     train.set_defaults(func=_train)
+    tune = sub.add_parser("tune", help="Ray Tune search over learning rate and freeze depth (ASHA)")
+    add_config_args(tune)
+    tune.set_defaults(func=_tune)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write a small generated ImageFolder dataset (offline demos, tests)")

@@ -122,12 +122,28 @@ class RunConfig:
 
 
 @dataclass
+class SearchConfig:
+    num_samples: int = _f(8, "Tune trials to run.", flag="--num-samples")
+    lr_min: float = _f(1e-5, "Lower end of the log-uniform learning-rate range (mean-loss units).")
+    lr_max: float = _f(1e-1, "Upper end of the learning-rate range.")
+    max_freeze_depth: int = _f(-1, "Freeze depths searched: 0..this (-1: every stage, up to a linear probe).")
+    head_lr_mults: list = _f([10.0], "Head LR multipliers to choose from (one value: not searched).")
+    val_fraction: float = _f(0.15, "Stratified validation split carved from train; trials report and are "
+                             "selected on it, the test set is used once for the best trial.")
+    grace_period: int = _f(1, "ASHA: epochs every trial runs before it can be stopped.")
+    reduction_factor: int = _f(2, "ASHA: keep 1/reduction_factor of the trials at each rung.")
+    workers_per_trial: int = _f(1, "Data-parallel workers of each trial.")
+    max_concurrent_trials: int = _f(0, "Trials at once; 0 = as many as the cluster's CPUs/GPUs fit.")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    tune: SearchConfig = field(default_factory=SearchConfig)
 
     # ---- derived quantities (a single place decides them) ----
     @property
@@ -289,6 +305,19 @@ def validate(cfg: Config) -> Config:
            r.s3_endpoint, "must be an http:// or https:// URL")
     _check(not m.weights_sha256 or re.fullmatch(r"[0-9a-f]{64}", m.weights_sha256) is not None,
            "model.weights_sha256", m.weights_sha256, "must be 64 lowercase hex digits")
+    t = cfg.tune
+    _check(t.num_samples >= 1, "tune.num_samples", t.num_samples, "must be >= 1")
+    _check(0 < t.lr_min < t.lr_max < 10, "tune.lr_min", t.lr_min, f"must be in (0, tune.lr_max={t.lr_max})")
+    _check(t.max_freeze_depth >= -1, "tune.max_freeze_depth", t.max_freeze_depth, "must be >= -1")
+    _check(bool(t.head_lr_mults) and all(x > 0 for x in t.head_lr_mults), "tune.head_lr_mults",
+           t.head_lr_mults, "must be one or more positive numbers")
+    _check(0 < t.val_fraction < 0.9, "tune.val_fraction", t.val_fraction, "must be in (0, 0.9)")
+    _check(t.grace_period >= 1, "tune.grace_period", t.grace_period, "must be >= 1")
+    _check(t.reduction_factor >= 2, "tune.reduction_factor", t.reduction_factor, "must be >= 2")
+    _check(t.workers_per_trial >= 1, "tune.workers_per_trial", t.workers_per_trial, "must be >= 1")
+    _check(d.batch_size % t.workers_per_trial == 0, "data.batch_size", d.batch_size,
+           f"must be a multiple of tune.workers_per_trial ({t.workers_per_trial})")
+    _check(t.max_concurrent_trials >= 0, "tune.max_concurrent_trials", t.max_concurrent_trials, "must be >= 0")
     _check(r.keep_checkpoints >= 1, "run.keep_checkpoints", r.keep_checkpoints, "must be >= 1")
     return cfg
 

@@ -80,6 +80,20 @@ def scan_image_folder(root: str, splits=SPLITS) -> ImageFolderIndex:
     return ImageFolderIndex(root=root, classes=classes, files=files)
 
 
+def stratified_split(index: ImageFolderIndex, fraction: float, seed: int) -> ImageFolderIndex:
+    """Carve a validation split out of train: the same fraction of every class, fixed by seed."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in range(len(index.classes)):
+        items = [it for it in index.files["train"] if it[1] == label]
+        rng.shuffle(items)
+        n_val = int(round(len(items) * fraction)) if len(items) > 1 else 0
+        val += items[:n_val]
+        train += items[n_val:]
+    files = {"train": sorted(train), "val": sorted(val), **{k: v for k, v in index.files.items() if k != "train"}}
+    return ImageFolderIndex(root=index.root, classes=index.classes, files=files)
+
+
 # ---------------------------------------------------------------- Ray Data stages
 
 def _decode_batch(batch: dict, *, filesystem: pafs.FileSystem, preset: ImagePreset, center_crop: bool) -> dict:

@@ -95,6 +95,83 @@ def _preview(stream: ray.data.Dataset, classes: list[str], n: int) -> bytes:
     return plots.image_grid([r["image"] for r in rows], [classes[r["label"]] for r in rows])
 
 
+@dataclass
+class Prepared:
+    """Everything decoded and resolved once on the driver, shared by one run or by all Tune trials."""
+
+    classes: list[str]
+    preset: ImagePreset
+    source: object  # SourceWeights
+    source_ref: object  # its ObjectRef (None from scratch): workers fetch it from the object store
+    splits: dict  # split name -> data.DecodedSplit
+    skipped: int
+    res: Resources
+
+
+def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) -> Prepared:
+    """Scan, load weights, decode every split once. val_fraction > 0 carves a stratified
+    validation split out of train (the split Tune selects on; test stays untouched)."""
+    t0 = time.perf_counter()
+    res = plan_resources(cfg, ray.cluster_resources())
+    print(f"resources: {res}  workers={cfg.scaling.workers}", flush=True)
+    index = data.scan_image_folder(cfg.data.path)
+    if val_fraction:
+        index = data.stratified_split(index, val_fraction, seed=cfg.optim.seed)
+    source = load_source_weights(cfg.model, progress=sys.stderr.isatty())
+    preset = ImagePreset(cfg.data.image_size, cfg.data.resize_size)
+    splits = {}
+    for split in index.files:
+        splits[split] = data.decode_split(index, split, preset, center_crop=split != "train",
+                                          max_bad_fraction=cfg.data.max_bad_fraction,
+                                          shuffle_seed=cfg.optim.seed if split == "train" else None)
+    skipped = sum(len(d.bad_files) for d in splits.values())
+    sizes = ", ".join(f"{k} {v.num_images}" for k, v in splits.items())
+    print(f"data: {len(index.classes)} classes {index.classes}; {sizes} images; skipped {skipped} undecodable"
+          f" | normalization mean={tuple(round(x, 4) for x in source.mean)}"
+          f" std={tuple(round(x, 4) for x in source.std)}"
+          f" | decoded in {time.perf_counter() - t0:.1f} s", flush=True)
+    ref = ray.put(source) if source.state_dict is not None else None
+    return Prepared(index.classes, preset, source, ref, splits, skipped, res)
+
+
+def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, fs, eval_split: str = "test",
+                 callbacks=None) -> TorchTrainer:
+    """A TorchTrainer for cfg over the prepared data, evaluating on eval_split ('test' or 'val')."""
+    train = prep.splits["train"]
+    datasets = {"train": data.train_stream(train, prep.preset, prep.res.data_task_cpus)}
+    for rank, shard in enumerate(data.split_for_ranks(prep.splits[eval_split], cfg.scaling.workers)):
+        datasets[f"eval_{rank}"] = shard
+    meta = {"classes": prep.classes, "mean": list(prep.source.mean), "std": list(prep.source.std),
+            "arch": cfg.model.arch, "skipped_images": prep.skipped, "eval_split": eval_split,
+            # Ray Train's equal split gives every rank floor(n / workers) rows.
+            "steps_per_epoch": math.ceil(train.num_images // cfg.scaling.workers
+                                         / (cfg.data.batch_size // cfg.scaling.workers))}
+    res = prep.res
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "meta": meta, "torch_threads": res.torch_threads,
+                           "source": prep.source_ref},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=res.use_gpu,
+                                               resources_per_worker={"CPU": res.cpus_per_worker}),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=fs, callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our epoch line says it all
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
+                                                         checkpoint_score_attribute=f"{eval_split}_acc",
+                                                         checkpoint_score_order="max")),
+    )
+
+
+def s3_uri(storage_root: str, path: str) -> str:
+    """Ray reports paths inside the filesystem; give s3:// back to users of s3 storage."""
+    if storage_root.startswith("s3://") and path and not path.startswith("s3://"):
+        return "s3://" + path
+    return path
+
+
 def run_training(cfg: Config) -> TrainOutcome:
     """The whole local or cluster run; cfg must already be validated."""
     t_start = time.perf_counter()
@@ -105,62 +182,20 @@ def run_training(cfg: Config) -> TrainOutcome:
     storage.preflight(cfg.run.storage, write=True)
     storage.preflight(cfg.data.path, write=False)
     init_ray(cfg)
-    res = plan_resources(cfg, ray.cluster_resources())
-    print(f"run: {run_dir}\nresources: {res}  workers={cfg.scaling.workers}", flush=True)
-
-    index = data.scan_image_folder(cfg.data.path)
-    source = load_source_weights(cfg.model, progress=sys.stderr.isatty())
-    preset = ImagePreset(cfg.data.image_size, cfg.data.resize_size)
-    train = data.decode_split(index, "train", preset, center_crop=False,
-                              max_bad_fraction=cfg.data.max_bad_fraction, shuffle_seed=cfg.optim.seed)
-    test = data.decode_split(index, "test", preset, center_crop=True,
-                             max_bad_fraction=cfg.data.max_bad_fraction)
-    skipped = len(train.bad_files) + len(test.bad_files)
-    print(f"data: {len(index.classes)} classes {index.classes}; train {train.num_images} images, "
-          f"test {test.num_images}; skipped {skipped} undecodable"
-          f" | normalization mean={tuple(round(x, 4) for x in source.mean)}"
-          f" std={tuple(round(x, 4) for x in source.std)}"
-          f" | decoded in {time.perf_counter() - t_start:.1f} s", flush=True)
-
-    train_stream = data.train_stream(train, preset, res.data_task_cpus)
+    print(f"run: {run_dir}", flush=True)
+    prep = prepare(cfg)
     if cfg.data.preview_images:
+        stream = data.train_stream(prep.splits["train"], prep.preset, prep.res.data_task_cpus)
         storage.write_bytes(storage.join(run_dir, "preview.png"),
-                            _preview(train_stream, index.classes, cfg.data.preview_images))
-
-    datasets = {"train": train_stream}
-    for rank, shard in enumerate(data.split_for_ranks(test, cfg.scaling.workers)):
-        datasets[f"test_{rank}"] = shard
-    meta = {"classes": index.classes, "mean": list(source.mean), "std": list(source.std),
-            "arch": cfg.model.arch, "skipped_images": skipped,
-            # Ray Train's equal split gives every rank floor(n / workers) rows.
-            "steps_per_epoch": math.ceil(train.num_images // cfg.scaling.workers
-                                         / (cfg.data.batch_size // cfg.scaling.workers))}
+                            _preview(stream, prep.classes, cfg.data.preview_images))
     fs, storage_path = storage.resolve(cfg.run.storage)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "meta": meta, "torch_threads": res.torch_threads,
-                           "source": ray.put(source) if source.state_dict is not None else None},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=res.use_gpu,
-                                               resources_per_worker={"CPU": res.cpus_per_worker}),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=fs,
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our epoch line says it all
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
-                                                         checkpoint_score_attribute="test_acc",
-                                                         checkpoint_score_order="max")),
-    )
-    result = trainer.fit()
+    result = make_trainer(cfg, prep, name=name, storage_path=storage_path, fs=fs).fit()
     history = result.return_value or []
     best_ckpt = result.get_best_checkpoint(metric="test_acc", mode="max")
     best = max(history, key=lambda h: h["test_acc"])
     _write_artifacts(run_dir, history, f"{cfg.model.arch} on {os.path.basename(cfg.data.path.rstrip('/'))}")
     wall = time.perf_counter() - t_start
-    best_path = best_ckpt.path if best_ckpt else ""
-    if cfg.run.storage.startswith("s3://") and best_path and not best_path.startswith("s3://"):
-        best_path = "s3://" + best_path
+    best_path = s3_uri(cfg.run.storage, best_ckpt.path if best_ckpt else "")
     print(f"best epoch {best['epoch']}: test acc {best['test_acc']:.3f}  train acc {best['train_acc']:.3f}  "
           f"loss {best['train_loss']:.3f}\ncheckpoint: {best_path}\nrun folder: {run_dir}  "
           f"(metrics.csv, metrics.json, curves.png, preview.png)\nwall time {wall:.1f} s", flush=True)

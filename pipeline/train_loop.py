@@ -113,7 +113,7 @@ class EpochRunner:
                 "train_images": int(count)}
 
     @torch.no_grad()
-    def evaluate(self, shard) -> dict:
+    def evaluate(self, shard, split: str = "test") -> dict:
         self.model.eval()
         stats = torch.zeros(2, dtype=torch.float64, device=self.device)  # correct, count
         if shard is not None:
@@ -124,7 +124,7 @@ class EpochRunner:
                 stats += torch.stack([(logits.argmax(1) == y).sum().double(),
                                       torch.tensor(y.numel(), dtype=torch.float64, device=self.device)])
         correct, count = _all_reduce(stats).tolist()
-        return {"test_acc": correct / max(count, 1), "test_images": int(count)}
+        return {f"{split}_acc": correct / max(count, 1), f"{split}_images": int(count)}
 
     def state_dict(self) -> dict:
         return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -162,7 +162,8 @@ def train_loop_per_worker(loop_config: dict) -> list:
             say(f"resuming from epoch {state['epoch']} checkpoint")
 
     train_shard = ray.train.get_dataset_shard("train")
-    eval_shard = ray.train.get_dataset_shard(f"test_{rank}")
+    eval_split = meta["eval_split"]  # 'test' for a run, 'val' inside a Tune search
+    eval_shard = ray.train.get_dataset_shard(f"eval_{rank}")
     epochs = cfg.optim.epochs
     for epoch in range(start_epoch, epochs + 1):
         t0 = time.perf_counter()
@@ -174,13 +175,13 @@ def train_loop_per_worker(loop_config: dict) -> list:
             time.sleep(3)
             os._exit(1)
         train_s = time.perf_counter() - t0
-        metrics.update(runner.evaluate(eval_shard))
+        metrics.update(runner.evaluate(eval_shard, eval_split))
         metrics.update(epoch=epoch, examples_per_sec=metrics["train_images"] / train_s,
                        epoch_time_s=time.perf_counter() - t0, skipped_images=meta["skipped_images"])
         history.append(metrics)
         if rank == 0:
             say(f"epoch {epoch}/{epochs}  loss {metrics['train_loss']:.3f}  train acc {metrics['train_acc']:.3f}"
-                f"  test acc {metrics['test_acc']:.3f}  {metrics['examples_per_sec']:.1f} examples/sec"
+                f"  {eval_split} acc {metrics[eval_split + '_acc']:.3f}  {metrics['examples_per_sec']:.1f} examples/sec"
                 f"  ({metrics['epoch_time_s']:.1f} s)"
                 + (f"  [{meta['skipped_images']} undecodable images skipped]" if meta["skipped_images"] else ""))
             with tempfile.TemporaryDirectory() as tmp:

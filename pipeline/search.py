@@ -1,0 +1,170 @@
+"""`finetune tune`: a Ray Tune search over learning rate and freeze depth (Train V2 pattern).
+
+Each trial is a function that builds its own TorchTrainer (data-parallel over its own workers)
+and forwards the per-epoch reports to Tune through TuneReportCallback. Trials report validation
+accuracy on a stratified split carved from train; ASHA stops the weak ones; the best trial's best
+checkpoint is evaluated once on the untouched test set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+
+import numpy as np
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
+
+from pipeline import storage
+from pipeline.config import Config, describe
+from pipeline.model import STAGES
+from pipeline.runner import Prepared, init_ray, make_trainer, prepare, run_name, s3_uri
+
+METRIC = "val_acc"
+
+
+def search_space(cfg: Config) -> dict:
+    t = cfg.tune
+    depth = len(STAGES[cfg.model.arch]) if t.max_freeze_depth < 0 else t.max_freeze_depth
+    space = {"lr": tune.loguniform(t.lr_min, t.lr_max), "freeze_depth": tune.randint(0, depth + 1)}
+    space["head_lr_mult"] = tune.choice(t.head_lr_mults) if len(t.head_lr_mults) > 1 else t.head_lr_mults[0]
+    return space
+
+
+def concurrency(cfg: Config, cluster: dict) -> int:
+    """Trials that fit at once: whole workers per trial, never more than the cluster holds (no deadlock)."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    gpus = cluster.get("GPU", 0)
+    slots = gpus if gpus and cfg.scaling.use_gpu != "false" else math.floor(cluster.get("CPU", 1)
+                                                                                - cfg.scaling.data_cpus)
+    return max(1, int(slots) // cfg.tune.workers_per_trial)
+
+
+def trial_config(base: dict, params: dict) -> Config:
+    cfg = Config.from_dict(base)
+    cfg.optim.lr, cfg.model.freeze_depth = float(params["lr"]), int(params["freeze_depth"])
+    cfg.optim.head_lr_mult = float(params["head_lr_mult"])
+    cfg.scaling.workers = cfg.tune.workers_per_trial
+    return cfg
+
+
+def _trial(params: dict, *, base: dict, prep: Prepared, trials_root: str) -> None:
+    cfg = trial_config(base, params)
+    fs, path = storage.resolve(trials_root)
+    trainer = make_trainer(cfg, prep, name=tune.get_context().get_trial_id(), storage_path=path, fs=fs,
+                           eval_split="val", callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def evaluate_checkpoint(checkpoint, dataset: ray.data.Dataset, classes: list[str]) -> dict:
+    """Accuracy and confusion matrix of a checkpoint on a decoded, center-cropped split."""
+    from pipeline.inference import Classifier
+
+    with checkpoint.as_directory() as d:
+        clf = Classifier(d)
+        conf = np.zeros((len(classes), len(classes)), dtype=int)
+        for batch in dataset.iter_batches(batch_size=64, batch_format="numpy"):
+            pred = clf.probabilities(batch["image"]).argmax(1)
+            np.add.at(conf, (batch["label"], pred), 1)
+    return {"accuracy": float(np.trace(conf) / max(conf.sum(), 1)), "confusion": conf.tolist(),
+            "images": int(conf.sum())}
+
+
+def run_search(cfg: Config) -> dict:
+    t_start = time.perf_counter()
+    name = cfg.run.name or run_name(cfg).replace(cfg.model.arch, f"tune-{cfg.model.arch}", 1)
+    exp_dir = storage.join(cfg.run.storage, name)
+    print(describe(cfg), flush=True)
+    storage.preflight(cfg.run.storage, write=True)
+    storage.preflight(cfg.data.path, write=False)
+    init_ray(cfg)
+    cluster = ray.cluster_resources()
+    n_parallel = concurrency(cfg, cluster)
+    # Each trial gets its share of the CPUs: planning with the concurrent workers of all trials.
+    sizing = dataclasses.replace(cfg, scaling=dataclasses.replace(
+        cfg.scaling, workers=cfg.tune.workers_per_trial * n_parallel))
+    prep = prepare(sizing, val_fraction=cfg.tune.val_fraction)
+    if not prep.res.use_gpu:
+        # When Tune stops a trial, its TorchTrainer's CPU reservation with Ray Data's resource
+        # coordinator outlives it for up to 180 s, and Ray Data subtracts it from what the next
+        # trial's data pipeline may use. A small logical CPU claim per worker keeps that budget
+        # positive; threads still follow the real CPU share and concurrency is capped above.
+        prep = dataclasses.replace(prep, res=dataclasses.replace(prep.res, cpus_per_worker=0.25))
+    print(f"search: {name}  {cfg.tune.num_samples} trials, {n_parallel} at a time, "
+          f"{cfg.tune.workers_per_trial} worker(s) each, ASHA on {METRIC} (grace {cfg.tune.grace_period}, "
+          f"reduction {cfg.tune.reduction_factor})\nexperiment: {exp_dir}", flush=True)
+
+    fs, path = storage.resolve(cfg.run.storage)
+    trainable = tune.with_parameters(_trial, base=cfg.to_dict(), prep=prep,
+                                     trials_root=storage.join(exp_dir, "trials"))
+    # The trial function only drives its TorchTrainer; the workers hold the CPUs (Tune refuses 0).
+    trainable = tune.with_resources(trainable, {"CPU": 0.01})
+    exp_path = f"{path}/{name}"
+    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        print(f"resuming the search in {exp_dir}", flush=True)
+        tuner = tune.Tuner.restore(exp_path, trainable, param_space=search_space(cfg), resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=fs)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=search_space(cfg),
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode="max", num_samples=cfg.tune.num_samples, max_concurrent_trials=n_parallel,
+                # Given explicitly, the generator enforces the concurrency limit itself.
+                search_alg=BasicVariantGenerator(random_state=cfg.optim.seed, max_concurrent=n_parallel),
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs,
+                                        grace_period=cfg.tune.grace_period,
+                                        reduction_factor=cfg.tune.reduction_factor)),
+            run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, verbose=0))
+    grid = tuner.fit()
+
+    trials = []
+    for r in grid:
+        df = r.metrics_dataframe
+        accs = df[METRIC].tolist() if df is not None and METRIC in df else []
+        trials.append({"trial": r.metrics.get("trial_id", r.path.rstrip("/").rsplit("/", 1)[-1]),
+                       "lr": r.config["lr"],
+                       "freeze_depth": r.config["freeze_depth"], "head_lr_mult": r.config["head_lr_mult"],
+                       "epochs": len(accs), "best_val_acc": max(accs) if accs else None,
+                       "val_acc_curve": accs, "stopped_early": 0 < len(accs) < cfg.optim.epochs,
+                       "error": str(r.error) if r.error else ""})
+    trials.sort(key=lambda t: -(t["best_val_acc"] or 0))
+    best_trial = trials[0]
+    # Each trial's TorchTrainer run lives in <experiment>/trials/<trial id>.
+    train_run = ray.train.Result.from_path(f"{exp_path}/trials/{best_trial['trial']}", storage_filesystem=fs)
+    best_ckpt = train_run.get_best_checkpoint(METRIC, "max")
+    test = evaluate_checkpoint(best_ckpt, prep.splits["test"].dataset, prep.classes)  # the one use of test
+    best_metrics = max(train_run.best_checkpoints, key=lambda cm: cm[1][METRIC])[1]
+    summary = {
+        "experiment": exp_dir, "metric": METRIC, "classes": prep.classes,
+        "best": {"trial": best_trial["trial"], "config": trial_config(cfg.to_dict(), best_trial).to_dict(),
+                 "lr": best_trial["lr"], "freeze_depth": best_trial["freeze_depth"],
+                 "head_lr_mult": best_trial["head_lr_mult"], "val_acc": best_metrics[METRIC],
+                 "epoch": best_metrics["epoch"], "test_acc": test["accuracy"], "test_images": test["images"],
+                 "test_confusion": test["confusion"], "checkpoint": s3_uri(cfg.run.storage, best_ckpt.path)},
+        "trials": trials, "wall_time_s": time.perf_counter() - t_start,
+    }
+    storage.write_bytes(storage.join(exp_dir, "best.json"), json.dumps(summary, indent=1).encode())
+    print(format_trials(trials), flush=True)
+    b = summary["best"]
+    print(f"best trial {b['trial']}: lr {b['lr']:.3g}  freeze depth {b['freeze_depth']}  head x{b['head_lr_mult']:g}"
+          f"  val acc {b['val_acc']:.3f} (epoch {b['epoch']})\ntest acc of its best checkpoint: "
+          f"{b['test_acc']:.3f} on {b['test_images']} images (test used once, after the search)\n"
+          f"checkpoint: {b['checkpoint']}\nsummary: {storage.join(exp_dir, 'best.json')}\n"
+          f"wall time {summary['wall_time_s']:.1f} s", flush=True)
+    return summary
+
+
+def format_trials(trials: list[dict]) -> str:
+    lines = [f"{'trial':<34} {'lr':>9} {'freeze':>6} {'head x':>6} {'epochs':>6} {'best val':>8}  status"]
+    for t in trials:
+        acc = f"{t['best_val_acc']:.3f}" if t["best_val_acc"] is not None else "-"
+        status = "error" if t["error"] else ("stopped by ASHA" if t["stopped_early"] else "completed")
+        lines.append(f"{t['trial'][:34]:<34} {t['lr']:>9.2e} {t['freeze_depth']:>6} {t['head_lr_mult']:>6g} "
+                     f"{t['epochs']:>6} {acc:>8}  {status}")
+    return "\n".join(lines)
