@@ -44,6 +44,19 @@ def _tune(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from pipeline import storage
+    from pipeline.report import build_report
+
+    storage.configure_endpoint(args.s3_endpoint)
+    try:
+        print(f"wrote {build_report(args.experiment)}")
+    except (FileNotFoundError, storage.StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _data_fetch(args) -> int:
     from pipeline.fetch import FetchError, fetch
 
@@ -119,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="Ray Tune search over learning rate and freeze depth (ASHA)")
     add_config_args(tune)
     tune.set_defaults(func=_tune)
+    report = sub.add_parser("report", help="HTML review of a Tune search (plots, trial table, confusion, errors)")
+    report.add_argument("experiment", help="the search's folder: local or s3://bucket/prefix/name")
+    report.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default: AWS_ENDPOINT_URL[_S3])")
+    report.set_defaults(func=_report)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write a small generated ImageFolder dataset (offline demos, tests)")

@@ -44,3 +44,52 @@ def image_grid(images: list[np.ndarray], titles: list[str], cols: int = 4, scale
         ax.imshow(img)
         ax.set_title(title, fontsize=8)
     return _png(fig)
+
+
+def trial_curves(trials: list[dict], metric: str = "val acc") -> bytes:
+    """Validation accuracy per epoch of every trial; trials ASHA stopped end in an x."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for t in trials:
+        curve = t["val_acc_curve"]
+        if not curve:
+            continue
+        epochs = list(range(1, len(curve) + 1))
+        line, = ax.plot(epochs, curve, "-o", ms=3, alpha=0.8,
+                        label=f"lr {t['lr']:.1e}, freeze {t['freeze_depth']}")
+        if t["stopped_early"]:
+            ax.plot(epochs[-1], curve[-1], "x", ms=10, mew=2, color=line.get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title("trials (x: stopped early by ASHA)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
+def lr_depth_scatter(trials: list[dict]) -> bytes:
+    """Final validation accuracy over learning rate (log) x freeze depth."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    done = [t for t in trials if t["val_acc_curve"]]
+    sc = ax.scatter([t["lr"] for t in done], [t["freeze_depth"] for t in done],
+                    c=[t["val_acc_curve"][-1] for t in done], s=[60 + 30 * len(t["val_acc_curve"]) for t in done],
+                    cmap="viridis", vmin=0.5, vmax=1.0, edgecolors="k")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("freeze depth")
+    fig.colorbar(sc, label="final val acc (size: epochs run)")
+    ax.grid(True, alpha=0.3)
+    return _png(fig)
+
+
+def confusion(matrix: list[list[int]], classes: list[str], title: str = "") -> bytes:
+    m = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2, 1.2 * len(classes) + 1.5))
+    ax.imshow(m, cmap="Blues")
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    return _png(fig)

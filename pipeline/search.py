@@ -20,7 +20,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pipeline import storage
+from pipeline import plots, storage
 from pipeline.config import Config, describe
 from pipeline.model import STAGES
 from pipeline.runner import Prepared, init_ray, make_trainer, prepare, run_name, s3_uri
@@ -62,18 +62,21 @@ def _trial(params: dict, *, base: dict, prep: Prepared, trials_root: str) -> Non
     trainer.fit()
 
 
-def evaluate_checkpoint(checkpoint, dataset: ray.data.Dataset, classes: list[str]) -> dict:
-    """Accuracy and confusion matrix of a checkpoint on a decoded, center-cropped split."""
+def evaluate_checkpoint(checkpoint, dataset: ray.data.Dataset, classes: list[str], keep_wrong: int = 16) -> dict:
+    """Accuracy, confusion matrix and a few misclassified images of a checkpoint on a decoded split."""
     from pipeline.inference import Classifier
 
+    wrong: list[tuple] = []
     with checkpoint.as_directory() as d:
         clf = Classifier(d)
         conf = np.zeros((len(classes), len(classes)), dtype=int)
         for batch in dataset.iter_batches(batch_size=64, batch_format="numpy"):
             pred = clf.probabilities(batch["image"]).argmax(1)
             np.add.at(conf, (batch["label"], pred), 1)
+            for i in np.flatnonzero(pred != batch["label"])[:max(0, keep_wrong - len(wrong))]:
+                wrong.append((batch["image"][i], int(batch["label"][i]), int(pred[i])))
     return {"accuracy": float(np.trace(conf) / max(conf.sum(), 1)), "confusion": conf.tolist(),
-            "images": int(conf.sum())}
+            "images": int(conf.sum()), "misclassified": wrong}
 
 
 def run_search(cfg: Config) -> dict:
@@ -150,6 +153,10 @@ def run_search(cfg: Config) -> dict:
         "trials": trials, "wall_time_s": time.perf_counter() - t_start,
     }
     storage.write_bytes(storage.join(exp_dir, "best.json"), json.dumps(summary, indent=1).encode())
+    if test["misclassified"]:
+        storage.write_bytes(storage.join(exp_dir, "misclassified.png"), plots.image_grid(
+            [img for img, _, _ in test["misclassified"]],
+            [f"{prep.classes[y]} -> {prep.classes[p]}" for _, y, p in test["misclassified"]]))
     print(format_trials(trials), flush=True)
     b = summary["best"]
     print(f"best trial {b['trial']}: lr {b['lr']:.3g}  freeze depth {b['freeze_depth']}  head x{b['head_lr_mult']:g}"

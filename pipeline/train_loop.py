@@ -165,6 +165,10 @@ def train_loop_per_worker(loop_config: dict) -> list:
     eval_split = meta["eval_split"]  # 'test' for a run, 'val' inside a Tune search
     eval_shard = ray.train.get_dataset_shard(f"eval_{rank}")
     epochs = cfg.optim.epochs
+    if start_epoch > epochs and history:
+        # Resumed a run that had already finished (its driver died before hearing so):
+        # report the final epoch again so whoever drives this run (a Tune trial) gets a result.
+        ray.train.report(history[-1])
     for epoch in range(start_epoch, epochs + 1):
         t0 = time.perf_counter()
         metrics = runner.train_epoch(train_shard)

@@ -52,3 +52,54 @@ def test_trials_write_tensorboard_events(search):
     events = [f for root, _, files in os.walk(os.path.join(cfg.run.storage, "search")) for f in files
               if f.startswith("events.out.tfevents")]
     assert len(events) >= 4
+
+
+def test_report_renders_in_headless_chromium(search, tmp_path):
+    import shutil
+    import subprocess
+
+    from pipeline.report import build_report
+
+    cfg, _ = search
+    out = build_report(os.path.join(cfg.run.storage, "search"))
+    page = open(out).read()
+    assert page.count("<img ") >= 3 and "test acc" in page and "stopped by ASHA" in page
+    assert "Misclassified test images" in page
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("chromium not installed (.ci/run installs it)")
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,3000",
+                    f"--screenshot={shot}", f"file://{out}"], check=True, capture_output=True, timeout=120)
+    from PIL import Image
+
+    img = Image.open(shot).convert("RGB")
+    colors = len(set(img.resize((200, 600)).getdata()))
+    assert img.size == (1000, 3000) and colors > 200  # plots drawn, not a blank page
+
+
+def test_killed_search_resumes_with_the_same_command(ray_local, tiny_dataset, source_weights, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "pipeline.cli", "tune", "--data", tiny_dataset, "--weights", source_weights,
+            "--epochs", "2", "--num-samples", "3", "--tune.lr_max", "3e-3", "--storage", str(tmp_path),
+            "--name", "killed", *SMALL]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    for line in first.stdout:
+        if "epoch 2/2" in line:  # the first trial is done: kill the driver and its local Ray
+            time.sleep(2)
+            os.killpg(first.pid, signal.SIGKILL)
+            break
+    first.wait()
+    assert not os.path.exists(tmp_path / "killed" / "best.json")
+    second = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming the search" in second.stdout
+    summary = json.load(open(tmp_path / "killed" / "best.json"))
+    assert len(summary["trials"]) == 3 and all(not t["error"] for t in summary["trials"])
