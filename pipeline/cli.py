@@ -8,75 +8,50 @@ import sys
 from pipeline.config import ConfigError, add_config_args, config_from_args
 
 
-def _train(args) -> int:
+def _job_config(args):
+    """The validated config of a train/tune job (before any Ray work), with its data resolved."""
     from pipeline import storage
-    from pipeline.data import DatasetError
-    from pipeline.fetch import FetchError, fetch
+    from pipeline.fetch import fetch
+
+    cfg = config_from_args(args)
+    storage.configure_endpoint(cfg.run.s3_endpoint)
+    if not cfg.data.path:  # a first run with no --data: the d2l hot dog set
+        cfg.data.path = fetch("hotdog")
+    return cfg
+
+
+def _train(args) -> int:
     from pipeline.runner import run_training
 
-    cfg = config_from_args(args)  # validated before any Ray work
-    storage.configure_endpoint(cfg.run.s3_endpoint)
-    try:
-        if not cfg.data.path:  # a first run with no --data: the d2l hot dog set
-            cfg.data.path = fetch("hotdog")
-        run_training(cfg)
-    except (DatasetError, FetchError, storage.StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    run_training(_job_config(args))
     return 0
 
 
 def _tune(args) -> int:
-    from pipeline import storage
-    from pipeline.data import DatasetError
-    from pipeline.fetch import FetchError, fetch
     from pipeline.search import run_search
 
-    cfg = config_from_args(args)
-    storage.configure_endpoint(cfg.run.s3_endpoint)
-    try:
-        if not cfg.data.path:
-            cfg.data.path = fetch("hotdog")
-        run_search(cfg)
-    except (DatasetError, FetchError, storage.StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    run_search(_job_config(args))
     return 0
 
 
 def _report(args) -> int:
-    from pipeline import storage
     from pipeline.report import build_report
 
-    storage.configure_endpoint(args.s3_endpoint)
-    try:
-        print(f"wrote {build_report(args.experiment)}")
-    except (FileNotFoundError, storage.StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    print(f"wrote {build_report(args.experiment)}")
     return 0
 
 
 def _data_fetch(args) -> int:
-    from pipeline.fetch import FetchError, fetch
+    from pipeline.fetch import fetch
 
-    try:
-        fetch(args.source, dest=args.dest, sha1=args.sha1, root=args.root)
-    except FetchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    fetch(args.source, dest=args.dest, sha1=args.sha1, root=args.root)
     return 0
 
 
 def _data_check(args) -> int:
     from pipeline.check import check_dataset, format_report
-    from pipeline.data import DatasetError
 
-    try:
-        report = check_dataset(args.path, allow_overlap=args.allow_overlap)
-    except DatasetError as e:
-        print(f"PROBLEM: {e}", file=sys.stderr)
-        return 1
+    report = check_dataset(args.path, allow_overlap=args.allow_overlap)
     print(format_report(report))
     return 0 if report.ok else 1
 
@@ -90,36 +65,24 @@ def _data_synth(args) -> int:
 
 
 def _data_stage(args) -> int:
-    from pipeline import storage
     from pipeline.stage import stage
 
-    storage.configure_endpoint(args.s3_endpoint)
-    try:
-        stage(args.src, args.dest)
-    except storage.StorageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    stage(args.src, args.dest)
     return 0
 
 
 def _runs(args) -> int:
-    from pipeline import runs, storage
+    from pipeline import runs
 
-    storage.configure_endpoint(args.s3_endpoint)
-    try:
-        if args.runs_command == "list":
-            rows = runs.list_runs(args.storage)
-            print(f"{'run':<32} {'epochs':>6} {'best test acc':>14} {'best epoch':>10}  state")
-            for r in rows:
-                acc = f"{r['best_test_acc']:.3f}" if r["best_test_acc"] is not None else "-"
-                print(f"{r['name']:<32} {r['epochs']:>6} {acc:>14} {r['best_epoch'] or '-':>10}  {r['state']}")
-        elif args.runs_command == "show":
-            print(runs.show_run(args.run))
-        else:
-            print(f"checkpoint: {runs.download_run(args.run, args.dest, best=args.best)}")
-    except (FileNotFoundError, storage.StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.runs_command == "list":
+        print(f"{'run':<32} {'epochs':>6} {'best test acc':>14} {'best epoch':>10}  state")
+        for r in runs.list_runs(args.storage):
+            acc = f"{r['best_test_acc']:.3f}" if r["best_test_acc"] is not None else "-"
+            print(f"{r['name']:<32} {r['epochs']:>6} {acc:>14} {r['best_epoch'] or '-':>10}  {r['state']}")
+    elif args.runs_command == "show":
+        print(runs.show_run(args.run))
+    else:
+        print(f"checkpoint: {runs.download_run(args.run, args.dest, best=args.best)}")
     return 0
 
 
@@ -175,12 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline import storage
+    from pipeline.data import DatasetError
+    from pipeline.fetch import FetchError
+
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "s3_endpoint", ""):
+            storage.configure_endpoint(args.s3_endpoint)
         return args.func(args)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
+    except DatasetError as e:  # what the user can fix: one clear line, no traceback
+        print(f"PROBLEM: {e}" if args.func is _data_check else f"error: {e}", file=sys.stderr)
+        return 1
+    except (FetchError, storage.StorageError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -20,14 +19,6 @@ class StageResult:
     skipped: int
     total_bytes: int
     manifest_uri: str
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _local_files(src: str) -> list[tuple[str, str]]:
@@ -61,7 +52,7 @@ def stage(src: str, dest: str, threads: int = 16, log=print) -> StageResult:
 
     def one(item: tuple[str, str]) -> tuple[dict, bool]:
         rel, path = item
-        entry = {"key": rel, "size": os.path.getsize(path), "sha256": _sha256(path)}
+        entry = {"key": rel, "size": os.path.getsize(path), "sha256": storage.sha256_file(path)}
         try:
             head = client.head_object(Bucket=bucket, Key=key_of[rel])
             if head["ContentLength"] == entry["size"] and head.get("Metadata", {}).get("sha256") == entry["sha256"]:

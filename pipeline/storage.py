@@ -6,6 +6,7 @@ boto3 honours) and passed to pyarrow explicitly: both clients always agree.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 from urllib.parse import urlparse
@@ -136,27 +137,26 @@ def configure_endpoint(endpoint: str) -> None:
         os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
 
 
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def cached_download(uri: str, sha256: str = "", cache_dir: str | None = None) -> str:
     """Fetch an s3:// object once into a local cache (verified against sha256 when given); return its path."""
-    import hashlib
-
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "ray-finetune", "objects")
     bucket, key = split_s3(uri)
     local = os.path.join(cache_dir, hashlib.sha256(f"{s3_endpoint()}|{uri}".encode()).hexdigest()[:16],
                          posixpath.basename(key))
 
-    def digest(path: str) -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
-
-    if not os.path.exists(local) or (sha256 and digest(local) != sha256):
+    if not os.path.exists(local) or (sha256 and sha256_file(local) != sha256):
         os.makedirs(os.path.dirname(local), exist_ok=True)
         tmp = f"{local}.{os.getpid()}.part"
         s3_client(timeout=60).download_file(bucket, key, tmp)
-        got = digest(tmp)
+        got = sha256_file(tmp)
         if sha256 and got != sha256:
             os.remove(tmp)
             raise StorageError(f"{uri}: sha256 {got} does not match the expected {sha256}; not cached")
