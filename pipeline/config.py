@@ -134,6 +134,8 @@ class SearchConfig:
     reduction_factor: int = _f(2, "ASHA: keep 1/reduction_factor of the trials at each rung.")
     workers_per_trial: int = _f(1, "Data-parallel workers of each trial.")
     max_concurrent_trials: int = _f(0, "Trials at once; 0 = as many as the cluster's CPUs/GPUs fit.")
+    retrain: bool = _f(False, "After the search, train the best config once more on train + validation "
+                       "(the final model; its last epoch's test accuracy is reported).")
 
 
 @dataclass

@@ -30,6 +30,8 @@ def build_report(experiment: str) -> str:
         f"{best['freeze_depth']}, head x{best['head_lr_mult']:g}; val acc {best['val_acc']:.3f} (epoch "
         f"{best['epoch']}); <b>test acc {best['test_acc']:.3f}</b> on {best['test_images']} images, "
         f"evaluated once after the search.<br>checkpoint: <code>{html.escape(best['checkpoint'])}</code></p>",
+        (f"<p>Final model, the best config retrained on train + validation ({summary['final']['train_images']} "
+         f"images): test acc {summary['final']['test_acc']:.3f}.</p>" if "final" in summary else ""),
         "<h2>Validation accuracy of every trial</h2>", _img(plots.trial_curves(trials), "trial curves"),
         "<h2>Final validation accuracy over learning rate and freeze depth</h2>",
         _img(plots.lr_depth_scatter(trials), "lr x freeze depth"),

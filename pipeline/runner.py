@@ -106,6 +106,7 @@ class Prepared:
     splits: dict  # split name -> data.DecodedSplit
     skipped: int
     res: Resources
+    index: data.ImageFolderIndex
 
 
 def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) -> Prepared:
@@ -131,7 +132,7 @@ def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) ->
           f" std={tuple(round(x, 4) for x in source.std)}"
           f" | decoded in {time.perf_counter() - t0:.1f} s", flush=True)
     ref = ray.put(source) if source.state_dict is not None else None
-    return Prepared(index.classes, preset, source, ref, splits, skipped, res)
+    return Prepared(index.classes, preset, source, ref, splits, skipped, res, index)
 
 
 def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, fs, eval_split: str = "test",

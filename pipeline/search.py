@@ -20,7 +20,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pipeline import plots, storage
+from pipeline import data, plots, storage
 from pipeline.config import Config, describe
 from pipeline.model import STAGES
 from pipeline.runner import Prepared, init_ray, make_trainer, prepare, run_name, s3_uri
@@ -54,9 +54,10 @@ def trial_config(base: dict, params: dict) -> Config:
     return cfg
 
 
-def _trial(params: dict, *, base: dict, prep: Prepared, trials_root: str) -> None:
+def _trial(params: dict, *, base: dict, prep: Prepared, fs, path: str) -> None:
+    # fs comes from the driver, endpoint and keys inside: a trial may run on a node whose
+    # environment knows neither.
     cfg = trial_config(base, params)
-    fs, path = storage.resolve(trials_root)
     trainer = make_trainer(cfg, prep, name=tune.get_context().get_trial_id(), storage_path=path, fs=fs,
                            eval_split="val", callbacks=[TuneReportCallback()])
     trainer.fit()
@@ -77,6 +78,24 @@ def evaluate_checkpoint(checkpoint, dataset: ray.data.Dataset, classes: list[str
                 wrong.append((batch["image"][i], int(batch["label"][i]), int(pred[i])))
     return {"accuracy": float(np.trace(conf) / max(conf.sum(), 1)), "confusion": conf.tolist(),
             "images": int(conf.sum()), "misclassified": wrong}
+
+
+def retrain_on_train_val(cfg: Config, prep: Prepared, exp_path: str, fs) -> dict:
+    """The final model: the selected config trained on train + validation, in <experiment>/final.
+
+    Nothing is selected on test here: the last epoch is the model, and its test accuracy is
+    reported as is."""
+    val_for_training = data.decode_split(prep.index, "val", prep.preset, center_crop=False,
+                                         max_bad_fraction=cfg.data.max_bad_fraction, shuffle_seed=cfg.optim.seed)
+    train = prep.splits["train"]
+    merged = data.DecodedSplit(train.dataset.union(val_for_training.dataset).materialize(),
+                               train.num_images + val_for_training.num_images, [])
+    print(f"final model: the best config on train + val ({merged.num_images} images)", flush=True)
+    final = dataclasses.replace(prep, splits={**prep.splits, "train": merged})
+    result = make_trainer(cfg, final, name="final", storage_path=exp_path, fs=fs).fit()
+    last = result.return_value[-1]
+    return {"train_images": merged.num_images, "epochs": last["epoch"], "test_acc": last["test_acc"],
+            "test_images": last["test_images"], "checkpoint": result.checkpoint.path}
 
 
 def run_search(cfg: Config) -> dict:
@@ -104,8 +123,7 @@ def run_search(cfg: Config) -> dict:
           f"reduction {cfg.tune.reduction_factor})\nexperiment: {exp_dir}", flush=True)
 
     fs, path = storage.resolve(cfg.run.storage)
-    trainable = tune.with_parameters(_trial, base=cfg.to_dict(), prep=prep,
-                                     trials_root=storage.join(exp_dir, "trials"))
+    trainable = tune.with_parameters(_trial, base=cfg.to_dict(), prep=prep, fs=fs, path=f"{path}/{name}/trials")
     # The trial function only drives its TorchTrainer; the workers hold the CPUs (Tune refuses 0).
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
     exp_path = f"{path}/{name}"
@@ -117,7 +135,7 @@ def run_search(cfg: Config) -> dict:
         tuner = tune.Tuner(
             trainable, param_space=search_space(cfg),
             tune_config=tune.TuneConfig(
-                metric=METRIC, mode="max", num_samples=cfg.tune.num_samples, max_concurrent_trials=n_parallel,
+                metric=METRIC, mode="max", num_samples=cfg.tune.num_samples,
                 # Given explicitly, the generator enforces the concurrency limit itself.
                 search_alg=BasicVariantGenerator(random_state=cfg.optim.seed, max_concurrent=n_parallel),
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs,
@@ -152,6 +170,10 @@ def run_search(cfg: Config) -> dict:
                  "test_confusion": test["confusion"], "checkpoint": s3_uri(cfg.run.storage, best_ckpt.path)},
         "trials": trials, "wall_time_s": time.perf_counter() - t_start,
     }
+    if cfg.tune.retrain:
+        summary["final"] = retrain_on_train_val(trial_config(cfg.to_dict(), best_trial), prep, exp_path, fs)
+        summary["final"]["checkpoint"] = s3_uri(cfg.run.storage, summary["final"]["checkpoint"])
+        summary["wall_time_s"] = time.perf_counter() - t_start
     storage.write_bytes(storage.join(exp_dir, "best.json"), json.dumps(summary, indent=1).encode())
     if test["misclassified"]:
         storage.write_bytes(storage.join(exp_dir, "misclassified.png"), plots.image_grid(
@@ -159,6 +181,10 @@ def run_search(cfg: Config) -> dict:
             [f"{prep.classes[y]} -> {prep.classes[p]}" for _, y, p in test["misclassified"]]))
     print(format_trials(trials), flush=True)
     b = summary["best"]
+    if "final" in summary:
+        f = summary["final"]
+        print(f"final model (train + val, {f['train_images']} images, {f['epochs']} epochs): test acc "
+              f"{f['test_acc']:.3f}\nfinal checkpoint: {f['checkpoint']}", flush=True)
     print(f"best trial {b['trial']}: lr {b['lr']:.3g}  freeze depth {b['freeze_depth']}  head x{b['head_lr_mult']:g}"
           f"  val acc {b['val_acc']:.3f} (epoch {b['epoch']})\ntest acc of its best checkpoint: "
           f"{b['test_acc']:.3f} on {b['test_images']} images (test used once, after the search)\n"

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from pipeline import storage
 from pipeline.cli import build_parser
 from pipeline.config import config_from_args
 from pipeline.search import run_search
@@ -13,13 +14,20 @@ SMALL = ["--data.image_size", "48", "--data.resize_size", "56", "--batch-size", 
 
 
 @pytest.fixture(scope="module")
-def search(ray_local, tiny_dataset, source_weights, tmp_path_factory):
-    storage = str(tmp_path_factory.mktemp("tune"))
+def search(ray_local, s3, tiny_dataset, source_weights):
+    """The experiment, its trials and checkpoints on the SeaweedFS S3 server."""
     cfg = config_from_args(build_parser().parse_args(
         ["tune", "--data", tiny_dataset, "--weights", source_weights, "--epochs", "3", "--num-samples", "4",
-         "--tune.lr_min", "1e-5", "--tune.lr_max", "3e-3", "--tune.max_freeze_depth", "3",
-         "--storage", storage, "--name", "search", *SMALL]))
+         "--tune.lr_min", "1e-5", "--tune.lr_max", "3e-3", "--tune.max_freeze_depth", "3", "--tune.retrain",
+         "--storage", "s3://runs/tune", "--name", "search", *SMALL]))
     return cfg, run_search(cfg)
+
+
+def s3_keys(prefix: str) -> list[str]:
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket="runs", Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
 def test_search_selects_on_validation_and_uses_test_once(search, tiny_dataset):
@@ -33,8 +41,12 @@ def test_search_selects_on_validation_and_uses_test_once(search, tiny_dataset):
     assert best["val_acc"] == max(t["best_val_acc"] for t in trials)
     assert best["test_images"] == 24 and 0 <= best["test_acc"] <= 1
     assert best["config"]["optim"]["lr"] == best["lr"]
-    saved = json.load(open(os.path.join(cfg.run.storage, "search", "best.json")))
+    assert best["checkpoint"].startswith("s3://runs/tune/search/trials/")
+    saved = json.loads(storage.read_bytes("s3://runs/tune/search/best.json"))
     assert saved["best"] == best
+    # The final model: the best config retrained on train + val (54 + 10 images), test reported as is.
+    assert summary["final"]["train_images"] == 64 and summary["final"]["epochs"] == 3
+    assert summary["final"]["test_images"] == 24 and summary["final"]["checkpoint"].startswith("s3://runs/tune/")
 
 
 def test_validation_split_is_stratified_and_disjoint(tiny_dataset):
@@ -48,9 +60,7 @@ def test_validation_split_is_stratified_and_disjoint(tiny_dataset):
 
 
 def test_trials_write_tensorboard_events(search):
-    cfg, _ = search
-    events = [f for root, _, files in os.walk(os.path.join(cfg.run.storage, "search")) for f in files
-              if f.startswith("events.out.tfevents")]
+    events = [k for k in s3_keys("tune/search/") if "/events.out.tfevents" in k]
     assert len(events) >= 4
 
 
@@ -60,9 +70,11 @@ def test_report_renders_in_headless_chromium(search, tmp_path):
 
     from pipeline.report import build_report
 
-    cfg, _ = search
-    out = build_report(os.path.join(cfg.run.storage, "search"))
-    page = open(out).read()
+    out = build_report("s3://runs/tune/search")
+    assert out == "s3://runs/tune/search/report.html"
+    page = storage.read_bytes(out).decode()
+    local = tmp_path / "report.html"
+    local.write_text(page)
     assert page.count("<img ") >= 3 and "test acc" in page and "stopped by ASHA" in page
     assert "Misclassified test images" in page
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -72,7 +84,7 @@ def test_report_renders_in_headless_chromium(search, tmp_path):
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
                     f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,3000",
-                    f"--screenshot={shot}", f"file://{out}"], check=True, capture_output=True, timeout=120)
+                    f"--screenshot={shot}", f"file://{local}"], check=True, capture_output=True, timeout=120)
     from PIL import Image
 
     img = Image.open(shot).convert("RGB")
