@@ -67,6 +67,15 @@ def init_ray(cfg: Config) -> None:
     ctx.print_on_execution_start = False
 
 
+def begin(cfg: Config) -> None:
+    """What every job does first: print the resolved config, check its storage, start Ray."""
+    print(describe(cfg), flush=True)
+    # Object storage problems surface here in seconds, before Ray or any data work.
+    storage.preflight(cfg.run.storage, write=True)
+    storage.preflight(cfg.data.path, write=False)
+    init_ray(cfg)
+
+
 def run_name(cfg: Config) -> str:
     return cfg.run.name or f"{cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -178,11 +187,7 @@ def run_training(cfg: Config) -> TrainOutcome:
     t_start = time.perf_counter()
     name = run_name(cfg)
     run_dir = storage.join(cfg.run.storage, name)
-    print(describe(cfg), flush=True)
-    # Object storage problems surface here in seconds, before Ray or any data work.
-    storage.preflight(cfg.run.storage, write=True)
-    storage.preflight(cfg.data.path, write=False)
-    init_ray(cfg)
+    begin(cfg)
     print(f"run: {run_dir}", flush=True)
     prep = prepare(cfg)
     if cfg.data.preview_images:

@@ -21,9 +21,9 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from pipeline import data, plots, storage
-from pipeline.config import Config, describe
+from pipeline.config import Config
 from pipeline.model import STAGES
-from pipeline.runner import Prepared, init_ray, make_trainer, prepare, run_name, s3_uri
+from pipeline.runner import Prepared, begin, make_trainer, prepare, run_name, s3_uri
 
 METRIC = "val_acc"
 
@@ -102,10 +102,7 @@ def run_search(cfg: Config) -> dict:
     t_start = time.perf_counter()
     name = cfg.run.name or run_name(cfg).replace(cfg.model.arch, f"tune-{cfg.model.arch}", 1)
     exp_dir = storage.join(cfg.run.storage, name)
-    print(describe(cfg), flush=True)
-    storage.preflight(cfg.run.storage, write=True)
-    storage.preflight(cfg.data.path, write=False)
-    init_ray(cfg)
+    begin(cfg)
     cluster = ray.cluster_resources()
     n_parallel = concurrency(cfg, cluster)
     # Each trial gets its share of the CPUs: planning with the concurrent workers of all trials.
