@@ -34,6 +34,29 @@ def _tune(args) -> int:
     return 0
 
 
+def _experiment(args) -> int:
+    from pipeline.experiment import run_experiment
+
+    run_experiment(_job_config(args))
+    return 0
+
+
+def _evaluate(args) -> int:
+    from pipeline.predict import evaluate
+
+    evaluate(args.checkpoint, args.data, split=args.split, output=args.output, batch_size=args.batch_size,
+             actors=args.actors)
+    return 0
+
+
+def _predict(args) -> int:
+    from pipeline.predict import predict
+
+    predict(args.checkpoint, args.images, args.output, fmt=args.format, batch_size=args.batch_size,
+            actors=args.actors)
+    return 0
+
+
 def _report(args) -> int:
     from pipeline.report import build_report
 
@@ -95,6 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="Ray Tune search over learning rate and freeze depth (ASHA)")
     add_config_args(tune)
     tune.set_defaults(func=_tune)
+    experiment = sub.add_parser("experiment", help="the seed's comparison table: zero-shot, linear probe, "
+                                "fine-tune (+ classifier reuse, + Tune), scratch; several seeds each")
+    add_config_args(experiment)
+    experiment.set_defaults(func=_experiment)
+    for name, helptext in (("evaluate", "accuracy and confusion matrix of a checkpoint on a labelled split"),
+                           ("predict", "batch inference (Ray Data) over a folder or s3:// prefix of images")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its best checkpoint); local or s3://")
+        if name == "evaluate":
+            p.add_argument("--data", required=True, help="ImageFolder root (local or s3://) holding SPLIT/<class>/*")
+            p.add_argument("--split", default="test", help="split folder to evaluate (default: test)")
+            p.add_argument("--output", default="", help="also write the result as JSON here (local or s3://)")
+        else:
+            p.add_argument("images", help="folder or s3:// prefix; every image below it is predicted")
+            p.add_argument("--output", required=True, help="output folder (local or s3://) for the part files")
+            p.add_argument("--format", default="", choices=["", "csv", "parquet"],
+                           help="csv or parquet (default: parquet when --output ends in .parquet, else csv)")
+        p.add_argument("--batch-size", type=int, default=64, help="images per inference batch (default: 64)")
+        p.add_argument("--actors", type=int, default=0, help="model replicas (default: one per GPU, else 1)")
+        p.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default: AWS_ENDPOINT_URL[_S3])")
+        p.set_defaults(func=_evaluate if name == "evaluate" else _predict)
     report = sub.add_parser("report", help="HTML review of a Tune search (plots, trial table, confusion, errors)")
     report.add_argument("experiment", help="the search's folder: local or s3://bucket/prefix/name")
     report.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default: AWS_ENDPOINT_URL[_S3])")

@@ -74,6 +74,12 @@ class ModelConfig:
     weights_sha256: str = _f("", "Expected sha256 of a weights file (checked when fetched from s3://).")
     weights_mirror: str = _f("", "Base URL to fetch torchvision weight files from instead of "
                              "download.pytorch.org (air-gapped mirrors).")
+    reuse_classifier: bool = _f(True, "Start the head row of every target class whose name matches a source "
+                                "category (e.g. hot_dog -> ImageNet 'hotdog', 934) from that category's "
+                                "classifier row; the other rows start from Xavier.", flag="--reuse-classifier")
+    categories: str = _f("", "Source category names, for classifier reuse and zero-shot: '' (the weights "
+                         "enum's or the sidecar's), 'imagenet' (torchvision's ImageNet-1k list, for "
+                         "ImageNet state_dict files) or a text file with one name per line.")
 
 
 @dataclass
@@ -97,8 +103,12 @@ class OptimConfig:
 
 @dataclass
 class ScalingConfig:
-    workers: int = _f(1, "Data-parallel training workers (DDP ranks).", flag="--workers")
-    use_gpu: str = _f("auto", "'auto' (GPUs when the cluster has them), 'true' or 'false'.")
+    workers: int = _f(0, "Data-parallel training workers (DDP ranks). 0: decided at start from the cluster: "
+                      "one per gpus_per_worker GPUs (at most what divides the batch), 1 on CPU-only clusters. "
+                      "Autoscaling clusters that start without GPU nodes need it set.", flag="--workers")
+    use_gpu: str = _f("auto", "'auto' (GPUs when the cluster has them at start), 'true' (also makes an "
+                      "autoscaling cluster add GPU nodes) or 'false'.")
+    gpus_per_worker: float = _f(1.0, "GPUs per training worker when training on GPUs (below 1 shares a GPU).")
     cpus_per_worker: float | None = _f(None, "CPUs reserved per worker. Default: 1 with GPUs; on CPU "
                                           "clusters the CPUs left after the data pipeline, shared evenly.")
     data_cpus: float = _f(0.5, "CPUs kept free for Ray Data's augmentation tasks on CPU-only clusters.")
@@ -138,6 +148,16 @@ class SearchConfig:
                        "(the final model; its last epoch's test accuracy is reported).")
 
 
+EXPERIMENT_ROWS = ("zero_shot", "linear_probe", "finetune", "finetune_reuse", "finetune_tuned", "scratch")
+
+
+@dataclass
+class ExperimentConfig:
+    seeds: int = _f(3, "Seeds per row (0..seeds-1): each trained row runs once per seed.", flag="--seeds")
+    rows: str = _f(",".join(EXPERIMENT_ROWS), f"Comma-separated rows of the table, from: "
+                   f"{', '.join(EXPERIMENT_ROWS)}.", flag="--rows")
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -146,6 +166,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tune: SearchConfig = field(default_factory=SearchConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
     # ---- derived quantities (a single place decides them) ----
     @property
@@ -261,8 +282,8 @@ def validate(cfg: Config) -> Config:
     if d.path and not d.path.startswith("s3://"):
         _check(os.path.isdir(d.path), "data.path", d.path, "no such folder")
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
-    _check(d.batch_size >= s.workers and d.batch_size % s.workers == 0, "data.batch_size", d.batch_size,
-           f"must be a multiple of scaling.workers ({s.workers}) so every worker gets an equal share")
+    _check(s.workers == 0 or (d.batch_size >= s.workers and d.batch_size % s.workers == 0), "data.batch_size",
+           d.batch_size, f"must be a multiple of scaling.workers ({s.workers}) so every worker gets an equal share")
     _check(16 <= d.image_size <= 1024, "data.image_size", d.image_size, "must be in 16..1024")
     _check(d.resize_size >= d.image_size, "data.resize_size", d.resize_size,
            f"must be >= data.image_size ({d.image_size})")
@@ -292,7 +313,8 @@ def validate(cfg: Config) -> Config:
            f"must be in 0..optim.epochs ({o.epochs})")
     _check(o.loss_reduction in LOSS_REDUCTIONS, "optim.loss_reduction", o.loss_reduction,
            f"valid: {', '.join(LOSS_REDUCTIONS)}")
-    _check(1 <= s.workers <= 4096, "scaling.workers", s.workers, "must be in 1..4096")
+    _check(0 <= s.workers <= 4096, "scaling.workers", s.workers, "must be in 0..4096 (0 = from the cluster)")
+    _check(0 < s.gpus_per_worker <= 64, "scaling.gpus_per_worker", s.gpus_per_worker, "must be in (0, 64]")
     _check(s.use_gpu in USE_GPU, "scaling.use_gpu", s.use_gpu, f"valid: {', '.join(USE_GPU)}")
     _check(s.cpus_per_worker is None or s.cpus_per_worker > 0, "scaling.cpus_per_worker",
            s.cpus_per_worker, "must be > 0")
@@ -320,6 +342,13 @@ def validate(cfg: Config) -> Config:
     _check(d.batch_size % t.workers_per_trial == 0, "data.batch_size", d.batch_size,
            f"must be a multiple of tune.workers_per_trial ({t.workers_per_trial})")
     _check(t.max_concurrent_trials >= 0, "tune.max_concurrent_trials", t.max_concurrent_trials, "must be >= 0")
+    _check(m.categories in ("", "imagenet") or os.path.isfile(m.categories), "model.categories", m.categories,
+           "must be '', 'imagenet' or an existing text file with one category name per line")
+    e = cfg.experiment
+    _check(1 <= e.seeds <= 100, "experiment.seeds", e.seeds, "must be in 1..100")
+    bad_rows = [x for x in e.rows.split(",") if x.strip() not in EXPERIMENT_ROWS]
+    _check(bool(e.rows.strip()) and not bad_rows, "experiment.rows", e.rows,
+           f"valid rows: {', '.join(EXPERIMENT_ROWS)}")
     _check(r.keep_checkpoints >= 1, "run.keep_checkpoints", r.keep_checkpoints, "must be >= 1")
     return cfg
 
@@ -328,8 +357,9 @@ def describe(cfg: Config) -> str:
     """The resolved config as YAML, plus the derived quantities, for the start-up banner."""
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
     derived = {"lr": cfg.lr, "head_lr": cfg.lr * cfg.head_lr_mult,
-               "per_worker_batch": cfg.data.batch_size // cfg.scaling.workers}
-    return text + "derived: " + ", ".join(f"{k}={v:g}" for k, v in derived.items())
+               "per_worker_batch": cfg.data.batch_size // cfg.scaling.workers if cfg.scaling.workers else "at start"}
+    return text + "derived: " + ", ".join(f"{k}={v:g}" if isinstance(v, float | int) else f"{k}={v}"
+                                          for k, v in derived.items())
 
 
 def add_config_args(parser) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import torch
 import torchvision
@@ -87,15 +88,68 @@ def load_source_weights(cfg: ModelConfig, progress: bool = False) -> SourceWeigh
         cats = side.get("categories")
     mean = tuple(cfg.mean) if cfg.mean else mean
     std = tuple(cfg.std) if cfg.std else std
+    if cfg.categories == "imagenet":
+        cats = imagenet_categories()
+    elif cfg.categories:
+        with open(cfg.categories) as fh:
+            cats = [line.strip() for line in fh if line.strip()]
     return SourceWeights(sd, mean, std, cats)
+
+
+def imagenet_categories() -> list[str]:
+    """torchvision's ImageNet-1k class names, in its index order (934 = 'hotdog'); no download."""
+    return list(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def normalize_class_name(name: str) -> str:
+    """'Hot Dog', 'hot_dog', 'hot-dog' and 'hotdog' all become 'hotdog'."""
+    return re.sub(r"[^0-9a-z]+", "", name.lower())
+
+
+@dataclass
+class ClassMatch:
+    """Which target classes start from which source classifier rows."""
+
+    rows: dict[int, int] = field(default_factory=dict)  # target class index -> source category index
+    ambiguous: dict[int, list[int]] = field(default_factory=dict)  # several source categories: not reused
+
+    def describe(self, classes: list[str], categories: list[str]) -> str:
+        parts = [f"{classes[t]} -> {categories[s]!r} ({s})" for t, s in sorted(self.rows.items())]
+        parts += [f"{classes[t]} -> ambiguous {[categories[s] for s in ss]} (not reused)"
+                  for t, ss in sorted(self.ambiguous.items())]
+        unmatched = [classes[t] for t in range(len(classes)) if t not in self.rows and t not in self.ambiguous]
+        parts += [f"{name} -> no source category (Xavier)" for name in unmatched]
+        return "; ".join(parts)
+
+
+def match_classes(classes: list[str], categories: list[str] | None) -> ClassMatch:
+    """Match target class names to source category names after normalize_class_name.
+
+    A name that matches several source categories (ImageNet has two 'crane's) is left
+    unmatched: picking one would be a guess."""
+    match = ClassMatch()
+    if not categories:
+        return match
+    by_name: dict[str, list[int]] = {}
+    for i, cat in enumerate(categories):
+        by_name.setdefault(normalize_class_name(cat), []).append(i)
+    for t, name in enumerate(classes):
+        hits = by_name.get(normalize_class_name(name), [])
+        if len(hits) == 1:
+            match.rows[t] = hits[0]
+        elif hits:
+            match.ambiguous[t] = hits
+    return match
 
 
 def head_of(model: nn.Module, arch: str) -> nn.Linear:
     return model.get_submodule(HEADS[arch])
 
 
-def build_model(arch: str, num_classes: int, source: SourceWeights | None = None) -> nn.Module:
-    """The architecture with source weights loaded (strict) and a fresh Xavier-normal head."""
+def build_model(arch: str, num_classes: int, source: SourceWeights | None = None,
+                reuse_rows: dict[int, int] | None = None) -> nn.Module:
+    """The architecture with source weights loaded (strict) and a fresh Xavier-normal head,
+    whose rows in reuse_rows (target class -> source category) are copied from the source head."""
     model = torchvision.models.get_model(arch, weights=None)
     if source is not None and source.state_dict is not None:
         model.load_state_dict(source.state_dict, strict=True)
@@ -103,6 +157,11 @@ def build_model(arch: str, num_classes: int, source: SourceWeights | None = None
     head = nn.Linear(old.in_features, num_classes)
     nn.init.xavier_normal_(head.weight)
     nn.init.zeros_(head.bias)
+    if reuse_rows and source is not None and source.state_dict is not None:
+        with torch.no_grad():
+            for target, src in reuse_rows.items():
+                head.weight[target] = old.weight[src]
+                head.bias[target] = old.bias[src]
     parent_name, _, leaf = HEADS[arch].rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, head)
     return model
@@ -150,9 +209,10 @@ def param_groups(model: nn.Module, arch: str, lr: float, head_lr_mult: float) ->
             {"params": head, "lr": lr * head_lr_mult, "name": "head"}]
 
 
-def build_for_config(cfg, num_classes: int, source: SourceWeights | None = None) -> nn.Module:
+def build_for_config(cfg, num_classes: int, source: SourceWeights | None = None,
+                     reuse_rows: dict[int, int] | None = None) -> nn.Module:
     """build_model plus the config's freezing: what every worker trains and every checkpoint holds."""
-    model = build_model(cfg.model.arch, num_classes, source)
+    model = build_model(cfg.model.arch, num_classes, source, reuse_rows if cfg.model.reuse_classifier else None)
     if cfg.model.freeze_bn:
         freeze_batchnorm(model)
     freeze_bottom(model, cfg.model.arch, cfg.model.freeze_depth)

@@ -93,3 +93,24 @@ def confusion(matrix: list[list[int]], classes: list[str], title: str = "") -> b
     ax.set_ylabel("true")
     ax.set_title(title)
     return _png(fig)
+
+
+def experiment_curves(rows: dict[str, list[list[float]]], baseline: float | None, title: str = "") -> bytes:
+    """Test accuracy per epoch of every experiment row: the mean over seeds, the band min..max."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, curves in rows.items():
+        n = min(len(c) for c in curves)
+        acc = np.array([c[:n] for c in curves])
+        epochs = np.arange(1, n + 1)
+        line, = ax.plot(epochs, acc.mean(0), "-o", ms=3, label=label)
+        if len(curves) > 1:
+            ax.fill_between(epochs, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
+    if baseline is not None:
+        ax.axhline(baseline, color="k", ls="--", lw=1, label=f"zero-shot ({baseline:.3f})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    if title:
+        ax.set_title(title)
+    return _png(fig)

@@ -18,7 +18,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import data, plots, storage
 from pipeline.config import Config, describe
-from pipeline.model import load_source_weights
+from pipeline.model import load_source_weights, match_classes
 from pipeline.train_loop import train_loop_per_worker
 from pipeline.transforms import ImagePreset
 
@@ -67,13 +67,31 @@ def init_ray(cfg: Config) -> None:
     ctx.print_on_execution_start = False
 
 
+def auto_workers(cfg: Config, cluster: dict) -> int:
+    """scaling.workers = 0: one worker per GPU share the cluster has now, else 1 (a CPU box trains
+    fastest as one process using every core); reduced until it divides the global batch."""
+    s = cfg.scaling
+    gpus = cluster.get("GPU", 0)
+    use_gpu = gpus > 0 if s.use_gpu == "auto" else s.use_gpu == "true"
+    n = max(1, int(gpus // s.gpus_per_worker)) if use_gpu and gpus else 1
+    while cfg.data.batch_size % n:
+        n -= 1
+    return n
+
+
 def begin(cfg: Config) -> None:
-    """What every job does first: print the resolved config, check its storage, start Ray."""
+    """What every job does first: print the resolved config, check its storage, start Ray,
+    settle the cluster-dependent defaults."""
     print(describe(cfg), flush=True)
     # Object storage problems surface here in seconds, before Ray or any data work.
     storage.preflight(cfg.run.storage, write=True)
     storage.preflight(cfg.data.path, write=False)
     init_ray(cfg)
+    cluster = ray.cluster_resources()
+    if cfg.scaling.workers == 0:
+        cfg.scaling.workers = auto_workers(cfg, cluster)
+    print(f"cluster: {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs | workers={cfg.scaling.workers} "
+          f"(per-worker batch {cfg.data.batch_size // cfg.scaling.workers})", flush=True)
 
 
 def run_name(cfg: Config) -> str:
@@ -116,6 +134,7 @@ class Prepared:
     skipped: int
     res: Resources
     index: data.ImageFolderIndex
+    reuse_rows: dict  # target class -> source category whose classifier row it starts from
 
 
 def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) -> Prepared:
@@ -141,7 +160,12 @@ def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) ->
           f" std={tuple(round(x, 4) for x in source.std)}"
           f" | decoded in {time.perf_counter() - t0:.1f} s", flush=True)
     ref = ray.put(source) if source.state_dict is not None else None
-    return Prepared(index.classes, preset, source, ref, splits, skipped, res, index)
+    match = match_classes(index.classes, source.categories if source.state_dict is not None else None)
+    if cfg.model.reuse_classifier and source.state_dict is not None:
+        print("classifier reuse: " + (match.describe(index.classes, source.categories) if source.categories
+                                      else "the weights carry no category names (see model.categories)"),
+              flush=True)
+    return Prepared(index.classes, preset, source, ref, splits, skipped, res, index, match.rows)
 
 
 def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, fs, eval_split: str = "test",
@@ -153,6 +177,7 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
         datasets[f"eval_{rank}"] = shard
     meta = {"classes": prep.classes, "mean": list(prep.source.mean), "std": list(prep.source.std),
             "arch": cfg.model.arch, "skipped_images": prep.skipped, "eval_split": eval_split,
+            "reuse_rows": prep.reuse_rows if cfg.model.reuse_classifier and prep.source_ref is not None else {},
             # Ray Train's equal split gives every rank floor(n / workers) rows.
             "steps_per_epoch": math.ceil(train.num_images // cfg.scaling.workers
                                          / (cfg.data.batch_size // cfg.scaling.workers))}
@@ -161,8 +186,10 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "meta": meta, "torch_threads": res.torch_threads,
                            "source": prep.source_ref},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=res.use_gpu,
-                                               resources_per_worker={"CPU": res.cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.workers, use_gpu=res.use_gpu,
+            resources_per_worker={"CPU": res.cpus_per_worker,
+                                  **({"GPU": cfg.scaling.gpus_per_worker} if res.use_gpu else {})}),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(

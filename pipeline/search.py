@@ -41,8 +41,8 @@ def concurrency(cfg: Config, cluster: dict) -> int:
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
     gpus = cluster.get("GPU", 0)
-    slots = gpus if gpus and cfg.scaling.use_gpu != "false" else math.floor(cluster.get("CPU", 1)
-                                                                                - cfg.scaling.data_cpus)
+    slots = (gpus // cfg.scaling.gpus_per_worker if gpus and cfg.scaling.use_gpu != "false"
+             else math.floor(cluster.get("CPU", 1) - cfg.scaling.data_cpus))
     return max(1, int(slots) // cfg.tune.workers_per_trial)
 
 
@@ -98,7 +98,8 @@ def retrain_on_train_val(cfg: Config, prep: Prepared, exp_path: str, fs) -> dict
             "test_images": last["test_images"], "checkpoint": result.checkpoint.path}
 
 
-def run_search(cfg: Config) -> dict:
+def run_search(cfg: Config, test_once: bool = True) -> dict:
+    """The search; test_once=False leaves the test set unread (a caller that evaluates elsewhere)."""
     t_start = time.perf_counter()
     name = cfg.run.name or run_name(cfg).replace(cfg.model.arch, f"tune-{cfg.model.arch}", 1)
     exp_dir = storage.join(cfg.run.storage, name)
@@ -156,7 +157,8 @@ def run_search(cfg: Config) -> dict:
     # Each trial's TorchTrainer run lives in <experiment>/trials/<trial id>.
     train_run = ray.train.Result.from_path(f"{exp_path}/trials/{best_trial['trial']}", storage_filesystem=fs)
     best_ckpt = train_run.get_best_checkpoint(METRIC, "max")
-    test = evaluate_checkpoint(best_ckpt, prep.splits["test"].dataset, prep.classes)  # the one use of test
+    test = (evaluate_checkpoint(best_ckpt, prep.splits["test"].dataset, prep.classes)  # the one use of test
+            if test_once else {"accuracy": None, "confusion": None, "images": 0, "misclassified": []})
     best_metrics = max(train_run.best_checkpoints, key=lambda cm: cm[1][METRIC])[1]
     summary = {
         "experiment": exp_dir, "metric": METRIC, "classes": prep.classes,
@@ -182,9 +184,10 @@ def run_search(cfg: Config) -> dict:
         f = summary["final"]
         print(f"final model (train + val, {f['train_images']} images, {f['epochs']} epochs): test acc "
               f"{f['test_acc']:.3f}\nfinal checkpoint: {f['checkpoint']}", flush=True)
+    tested = (f"test acc of its best checkpoint: {b['test_acc']:.3f} on {b['test_images']} images "
+              f"(test used once, after the search)" if test_once else "test set not read")
     print(f"best trial {b['trial']}: lr {b['lr']:.3g}  freeze depth {b['freeze_depth']}  head x{b['head_lr_mult']:g}"
-          f"  val acc {b['val_acc']:.3f} (epoch {b['epoch']})\ntest acc of its best checkpoint: "
-          f"{b['test_acc']:.3f} on {b['test_images']} images (test used once, after the search)\n"
+          f"  val acc {b['val_acc']:.3f} (epoch {b['epoch']})\n{tested}\n"
           f"checkpoint: {b['checkpoint']}\nsummary: {storage.join(exp_dir, 'best.json')}\n"
           f"wall time {summary['wall_time_s']:.1f} s", flush=True)
     return summary

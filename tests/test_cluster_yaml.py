@@ -38,10 +38,17 @@ def test_node_types_autoscale_from_zero_with_an_instance_role_and_no_keys():
 
 
 def test_default_scaling_fits_the_gpu_node_types(tmp_path):
-    """A default run (1 worker) and a 4-worker run fit one node of each GPU type."""
+    """Default workers (0 = from the cluster) give one DDP worker per GPU of either node type, and
+    the global batch splits evenly; a Tune trial fits one 1-GPU node."""
+    from pipeline.runner import auto_workers
+
     gpus = {"g5.2xlarge": 1, "g5.12xlarge": 4}
     cfg = Config()
     cfg.data.path = str(tmp_path)
     validate(cfg)
-    assert cfg.scaling.workers <= gpus["g5.2xlarge"] and cfg.tune.workers_per_trial <= gpus["g5.2xlarge"]
-    assert cfg.data.batch_size % 4 == 0  # the global batch splits evenly over a 4-GPU node
+    assert cfg.scaling.workers == 0
+    for node, n in gpus.items():
+        assert auto_workers(cfg, {"CPU": 8 * n, "GPU": n}) == n, node
+        assert cfg.data.batch_size % n == 0
+    assert auto_workers(cfg, {"CPU": 8}) == 1  # CPU-only: one process using every core
+    assert cfg.tune.workers_per_trial * cfg.scaling.gpus_per_worker <= gpus["g5.2xlarge"]

@@ -1,0 +1,204 @@
+"""`finetune experiment`: the seed's claims measured on one dataset, in one table.
+
+Rows (every trained row once per seed; a model's test accuracy is read at its LAST epoch,
+so nothing is selected on test):
+  zero_shot       the source classifier itself, through the matched categories; no training
+  linear_probe    every backbone stage frozen, only the new head trains
+  finetune        the recipe: backbone at lr, new Xavier head at lr x head_lr_mult
+  finetune_reuse  the same, with matched classes' head rows starting from the source classifier
+  finetune_tuned  finetune_reuse with lr and freeze depth from a Tune search on a validation split
+  scratch         the same network from random init, one parameter group, the scratch lr
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torchvision
+
+from pipeline import plots, storage
+from pipeline.config import Config
+from pipeline.model import STAGES
+from pipeline.runner import Prepared, begin, make_trainer, prepare, run_name
+from pipeline.transforms import Normalizer
+
+ROW_TITLES = {
+    "zero_shot": "zero-shot (source classifier)",
+    "linear_probe": "linear probe (backbone frozen)",
+    "finetune": "fine-tune, seed recipe",
+    "finetune_reuse": "fine-tune + classifier reuse",
+    "finetune_tuned": "fine-tune, Tune-selected lr + freeze depth",
+    "scratch": "from scratch, seed recipe",
+}
+
+
+# ---------------------------------------------------------------- zero-shot
+
+def zero_shot_predict(source_logits: np.ndarray, rows: dict[int, int], num_classes: int) -> np.ndarray | None:
+    """Target-class predictions from the source classifier's logits, or None when no rule exists.
+
+    A matched class is predicted where its source category is the top-1. With exactly one
+    unmatched class (hot dog vs not hot dog), that class is "the rest": predicted wherever
+    any other category wins. With every class matched, the top-1 among the matched categories
+    decides. Two or more unmatched classes cannot be told apart by the source classifier."""
+    unmatched = [t for t in range(num_classes) if t not in rows]
+    if not rows or len(unmatched) > 1:
+        return None
+    if not unmatched:
+        targets = np.array(sorted(rows))
+        return targets[source_logits[:, [rows[t] for t in targets]].argmax(1)]
+    top = source_logits.argmax(1)
+    pred = np.full(len(top), unmatched[0])
+    for target, src in rows.items():
+        pred[top == src] = target
+    return pred
+
+
+@torch.inference_mode()
+def zero_shot_accuracy(prep: Prepared, arch: str, split: str = "test") -> dict | None:
+    """The source network, unchanged, on a decoded split (fp32, on the driver)."""
+    if prep.source.state_dict is None:
+        return None
+    model = torchvision.models.get_model(arch, weights=None)
+    model.load_state_dict(prep.source.state_dict)
+    model.eval()
+    normalize = Normalizer(prep.source.mean, prep.source.std, channels_last=False)
+    correct = count = 0
+    for batch in prep.splits[split].dataset.iter_batches(batch_size=64, batch_format="numpy"):
+        logits = model(normalize(torch.as_tensor(batch["image"]))).numpy()
+        pred = zero_shot_predict(logits, prep.reuse_rows, len(prep.classes))
+        if pred is None:
+            return None
+        correct += int((pred == batch["label"]).sum())
+        count += len(pred)
+    return {"test_acc": correct / max(count, 1), "test_images": count}
+
+
+# ---------------------------------------------------------------- rows
+
+def row_config(cfg: Config, row: str, seed: int, tuned: dict | None = None) -> Config:
+    """The base config changed only where the row says so."""
+    c = Config.from_dict(cfg.to_dict())
+    c.optim.seed = seed
+    c.run.name = ""
+    c.model.reuse_classifier = row in ("finetune_reuse", "finetune_tuned")
+    if row == "linear_probe":
+        c.model.freeze_depth = len(STAGES[c.model.arch])
+    elif row == "finetune_tuned":
+        assert tuned is not None
+        c.optim.lr, c.model.freeze_depth = tuned["lr"], tuned["freeze_depth"]
+        c.optim.head_lr_mult = tuned["head_lr_mult"]
+    elif row == "scratch":
+        c.model.weights, c.model.freeze_bn, c.model.freeze_depth = "none", False, 0
+        c.optim.lr = c.optim.head_lr_mult = None  # the scratch defaults: one group at the scratch lr
+    return c
+
+
+def _summarize(runs: list[dict]) -> dict:
+    finals = np.array([r["test_acc"] for r in runs])
+    first = np.array([r["curve"][0] for r in runs])
+    return {"test_acc_mean": float(finals.mean()), "test_acc_std": float(finals.std()),
+            "epoch1_acc_mean": float(first.mean()), "epoch1_acc_std": float(first.std()),
+            "best_epochs": [r["best_epoch"] for r in runs], "wall_s_mean": float(np.mean([r["wall_s"] for r in runs]))}
+
+
+def _train_row(cfg: Config, prep: Prepared, name: str, exp_path: str, fs) -> dict:
+    t0 = time.perf_counter()
+    history = make_trainer(cfg, prep, name=name, storage_path=exp_path, fs=fs).fit().return_value
+    curve = [h["test_acc"] for h in history]
+    return {"seed": cfg.optim.seed, "test_acc": curve[-1], "curve": curve, "best_epoch": int(np.argmax(curve)) + 1,
+            "wall_s": time.perf_counter() - t0, "lr": cfg.lr, "head_lr_mult": cfg.head_lr_mult,
+            "freeze_depth": cfg.model.freeze_depth}
+
+
+def run_experiment(cfg: Config) -> dict:
+    t_start = time.perf_counter()
+    name = cfg.run.name or run_name(cfg).replace(cfg.model.arch, f"experiment-{cfg.model.arch}", 1)
+    exp_dir = storage.join(cfg.run.storage, name)
+    rows = [r.strip() for r in cfg.experiment.rows.split(",")]
+    seeds = list(range(cfg.experiment.seeds))
+    begin(cfg)
+    print(f"experiment: {exp_dir}\nrows: {', '.join(rows)} | seeds {seeds}", flush=True)
+    prep = prepare(cfg)
+    fs, path = storage.resolve(cfg.run.storage)
+    exp_path = f"{path}/{name}"
+    results: dict = {"experiment": exp_dir, "dataset": cfg.data.path, "arch": cfg.model.arch,
+                     "weights": cfg.model.weights, "seeds": seeds, "classes": prep.classes,
+                     "reuse_rows": {prep.classes[t]: s for t, s in prep.reuse_rows.items()},
+                     "config": cfg.to_dict(), "rows": {}}
+    zero = zero_shot_accuracy(prep, cfg.model.arch)
+    if zero:
+        print(f"zero-shot baseline (source classifier, no training): test acc {zero['test_acc']:.3f} "
+              f"on {zero['test_images']} images", flush=True)
+    elif "zero_shot" in rows:
+        print("zero-shot: not available (needs pretrained weights whose categories match all classes "
+              "but at most one)", flush=True)
+    for row in rows:
+        t_row = time.perf_counter()
+        if row == "zero_shot":
+            if zero:
+                results["rows"][row] = {"runs": [], "test_acc_mean": zero["test_acc"], "test_acc_std": 0.0,
+                                        "wall_s_mean": 0.0, "note": "deterministic: one evaluation"}
+            continue
+        tuned = None
+        extra = {}
+        if row == "finetune_tuned":
+            from pipeline.search import run_search
+
+            search_cfg = row_config(cfg, "finetune_reuse", seeds[0])
+            search_cfg.run.storage, search_cfg.run.name = exp_dir, "tune"
+            search_cfg.tune.retrain = False
+            summary = run_search(search_cfg, test_once=False)
+            tuned = {k: summary["best"][k] for k in ("lr", "freeze_depth", "head_lr_mult")}
+            extra = {"tuned": tuned, "search_val_acc": summary["best"]["val_acc"],
+                     "search_wall_s": summary["wall_time_s"]}
+            print(f"{row}: Tune selected lr {tuned['lr']:.3g}, freeze depth {tuned['freeze_depth']} "
+                  f"(val acc {summary['best']['val_acc']:.3f}); training it on the full train split", flush=True)
+        row_prep = dataclasses.replace(prep, source_ref=None) if row == "scratch" else prep
+        runs = []
+        for seed in seeds:
+            c = row_config(cfg, row, seed, tuned)
+            r = _train_row(c, row_prep, f"{row}-seed{seed}", exp_path, fs)
+            runs.append(r)
+            print(f"[{row} seed {seed}] test acc {r['test_acc']:.3f} (epoch 1: {r['curve'][0]:.3f}, "
+                  f"best epoch {r['best_epoch']}) in {r['wall_s']:.0f} s", flush=True)
+        results["rows"][row] = {"runs": runs, **_summarize(runs), **extra, "row_wall_s": time.perf_counter() - t_row}
+    results["zero_shot"] = zero
+    results["wall_time_s"] = time.perf_counter() - t_start
+    table = format_table(results)
+    storage.write_bytes(storage.join(exp_dir, "results.json"), json.dumps(results, indent=1).encode())
+    storage.write_bytes(storage.join(exp_dir, "results.md"), (table + "\n").encode())
+    storage.write_bytes(storage.join(exp_dir, "curves.png"), plots.experiment_curves(
+        {ROW_TITLES[k]: [r["curve"] for r in v["runs"]] for k, v in results["rows"].items() if v["runs"]},
+        zero["test_acc"] if zero else None, title=f"{cfg.model.arch} on {os.path.basename(cfg.data.path.rstrip('/'))}"))
+    print(table, flush=True)
+    print(f"results: {storage.join(exp_dir, 'results.md')} (+ results.json, curves.png)\n"
+          f"wall time {results['wall_time_s']:.0f} s", flush=True)
+    return results
+
+
+def format_table(results: dict) -> str:
+    """The markdown table: final-epoch test accuracy, mean +- std over seeds."""
+    zero = (results.get("zero_shot") or {}).get("test_acc")
+    lines = ["| row | test acc (last epoch), mean ± std | per seed | acc after epoch 1 | best epoch per seed "
+             "| wall time per run | beats zero-shot |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for key, r in results["rows"].items():
+        title = ROW_TITLES[key]
+        if not r["runs"]:
+            lines.append(f"| {title} | {r['test_acc_mean']:.3f} | - | - | - | - | (baseline) |")
+            continue
+        seeds = ", ".join(f"{x['test_acc']:.3f}" for x in r["runs"])
+        beats = f"{sum(x['test_acc'] > zero for x in r['runs'])}/{len(r['runs'])}" if zero is not None else "-"
+        wall = f"{r['wall_s_mean']:.0f} s" + (f" (+ {r['search_wall_s']:.0f} s search)" if "search_wall_s" in r else "")
+        if "tuned" in r:
+            title += f" (lr {r['tuned']['lr']:.2g}, freeze {r['tuned']['freeze_depth']})"
+        lines.append(f"| {title} | {r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f} | {seeds} | "
+                     f"{r['epoch1_acc_mean']:.3f} ± {r['epoch1_acc_std']:.3f} | "
+                     f"{', '.join(map(str, r['best_epochs']))} | {wall} | {beats} |")
+    return "\n".join(lines)
+

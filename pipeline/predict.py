@@ -1,0 +1,159 @@
+"""Batch inference and evaluation of a trained checkpoint, on Ray Data actors.
+
+Each actor copies the checkpoint once and keeps the model loaded; images stream through
+in batches (decode + eval crop on the actor), so a prefix of any size runs in bounded memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+import ray.data
+import ray.train
+import torch
+
+from pipeline import data, storage
+from pipeline.inference import Classifier
+from pipeline.train_loop import CHECKPOINT_FILE
+from pipeline.transforms import IMAGE_EXTENSIONS
+
+
+def resolve_checkpoint(uri: str) -> ray.train.Checkpoint:
+    """A checkpoint folder (holding checkpoint.pt), or a run folder: its best checkpoint by test accuracy."""
+    fs, path = storage.resolve(uri)
+    if fs.get_file_info(f"{path}/{CHECKPOINT_FILE}").type == pafs.FileType.File:
+        return ray.train.Checkpoint(path, filesystem=fs)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{uri}: no such checkpoint or run folder")
+    result = ray.train.Result.from_path(path, storage_filesystem=fs)
+    ckpt = result.get_best_checkpoint("test_acc", "max") or result.checkpoint
+    if ckpt is None:
+        raise FileNotFoundError(f"{uri}: a run folder without checkpoints")
+    return ckpt
+
+
+def _init_ray() -> None:
+    if not ray.is_initialized():  # RAY_ADDRESS under `ray job submit`, else a local Ray
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, configure_logging=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _actor_options(actors: int) -> dict:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus:
+        return {"num_gpus": 1, "concurrency": max(1, min(actors or int(gpus), int(gpus)))}
+    return {"num_cpus": 1, "concurrency": max(1, actors or 1)}
+
+
+class _Predictor:
+    """One loaded model per actor; a batch of encoded images (or eval-cropped arrays) -> predictions."""
+
+    def __init__(self, checkpoint: ray.train.Checkpoint):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":  # one actor per CPU it was given: do not oversubscribe
+            torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        self.clf = Classifier(checkpoint.to_directory(), device=device)
+
+    def __call__(self, batch: dict) -> dict:
+        if "bytes" in batch:
+            images, ok = [], []
+            for encoded in batch["bytes"]:
+                try:
+                    images.append(self.clf.prepare(encoded))
+                    ok.append(True)
+                except Exception:  # noqa: BLE001 - an undecodable file gets an empty prediction, not a crash
+                    ok.append(False)
+            ok = np.array(ok, dtype=bool)
+            stack = np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
+        else:
+            ok, stack = np.ones(len(batch["image"]), dtype=bool), np.stack(list(batch["image"]))
+        n, classes = len(ok), self.clf.classes
+        probs = np.full((n, len(classes)), np.nan, dtype=np.float32)
+        if len(stack):
+            probs[ok] = self.clf.probabilities(stack)
+        pred = np.where(ok, np.nan_to_num(probs, nan=-1).argmax(1), -1)
+        out = {"label": np.array([classes[p] if p >= 0 else "" for p in pred]),
+               "probability": np.where(ok, np.nanmax(np.nan_to_num(probs, nan=-1), 1), np.nan),
+               "pred_index": pred, **{f"p_{c}": probs[:, i] for i, c in enumerate(classes)}}
+        if "path" in batch:
+            out["path"] = batch["path"]
+        if "label" in batch:  # a labelled, decoded split (evaluate): keep the true label
+            out["label_index"] = batch["label"]
+        return out
+
+
+def predict(checkpoint_uri: str, images: str, output: str, fmt: str = "", batch_size: int = 64,
+            actors: int = 0) -> dict:
+    """Predict every image under a folder or s3:// prefix; write path,label,probability(+p_<class>)."""
+    t0 = time.perf_counter()
+    fmt = fmt or ("parquet" if output.rstrip("/").endswith(".parquet") else "csv")
+    if fmt not in ("csv", "parquet"):
+        raise ValueError(f"--format {fmt!r}: valid: csv, parquet")
+    _init_ray()
+    ckpt = resolve_checkpoint(checkpoint_uri)
+    fs, path = storage.resolve(images)
+    ds = ray.data.read_binary_files(path, filesystem=fs, include_paths=True,
+                                    file_extensions=[e.lstrip(".") for e in IMAGE_EXTENSIONS])
+    preds = ds.map_batches(_Predictor, fn_constructor_kwargs={"checkpoint": ckpt}, batch_size=batch_size,
+                           batch_format="numpy", **_actor_options(actors))
+    if images.startswith("s3://"):
+        preds = preds.map_batches(lambda b: {**b, "path": np.array(["s3://" + p for p in b["path"]])},
+                                  batch_format="numpy")
+    preds = preds.drop_columns(["pred_index"]).select_columns(
+        ["path", "label", "probability"] + [c for c in preds.columns() if c.startswith("p_")])
+    out_fs, out_path = storage.resolve(output)
+    getattr(preds, f"write_{fmt}")(out_path, filesystem=out_fs)
+    written = ray.data.read_parquet(out_path, filesystem=out_fs) if fmt == "parquet" else \
+        ray.data.read_csv(out_path, filesystem=out_fs)
+    n = written.count()
+    undecodable = written.filter(lambda r: r["label"] in ("", None) or r["label"] != r["label"]).count()
+    print(f"predicted {n} images ({undecodable} undecodable) with {checkpoint_uri} in "
+          f"{time.perf_counter() - t0:.1f} s -> {output} ({fmt})", flush=True)
+    return {"images": n, "undecodable": undecodable, "output": output}
+
+
+def evaluate(checkpoint_uri: str, dataset: str, split: str = "test", output: str = "", batch_size: int = 64,
+             actors: int = 0) -> dict:
+    """Accuracy, per-class accuracy and the confusion matrix of a checkpoint on <dataset>/<split>/<class>/*."""
+    t0 = time.perf_counter()
+    _init_ray()
+    ckpt = resolve_checkpoint(checkpoint_uri)
+    with ckpt.as_directory() as d:
+        clf = Classifier(d)
+    index = data.scan_image_folder(dataset, splits=(split,))
+    unknown = sorted(set(index.classes) - set(clf.classes))
+    if unknown:
+        raise data.DatasetError(f"{dataset}/{split}: classes {unknown} are not among the checkpoint's {clf.classes}")
+    # Labels in the checkpoint's class order, whatever subset of classes the folder has.
+    remap = {i: clf.classes.index(name) for i, name in enumerate(index.classes)}
+    index.files[split] = [(p, remap[y]) for p, y in index.files[split]]
+    decoded = data.decode_split(index, split, clf.preset, center_crop=True, max_bad_fraction=1.0)
+    preds = decoded.dataset.map_batches(_Predictor, fn_constructor_kwargs={"checkpoint": ckpt},
+                                        batch_size=batch_size, batch_format="numpy", **_actor_options(actors))
+    n = len(clf.classes)
+    conf = np.zeros((n, n), dtype=int)
+    for batch in preds.select_columns(["label_index", "pred_index"]).iter_batches(batch_format="numpy"):
+        np.add.at(conf, (batch["label_index"], batch["pred_index"]), 1)
+    per_class = {c: float(conf[i, i] / conf[i].sum()) if conf[i].sum() else None for i, c in enumerate(clf.classes)}
+    result = {"checkpoint": checkpoint_uri, "dataset": dataset, "split": split, "images": int(conf.sum()),
+              "skipped_images": len(decoded.bad_files), "accuracy": float(np.trace(conf) / max(conf.sum(), 1)),
+              "per_class_accuracy": per_class, "classes": clf.classes, "confusion": conf.tolist(),
+              "epoch": clf.epoch, "wall_time_s": time.perf_counter() - t0}
+    width = max(len(c) for c in clf.classes)
+    lines = [f"{split} accuracy {result['accuracy']:.4f} on {result['images']} images "
+             f"(checkpoint epoch {clf.epoch}; {result['skipped_images']} undecodable skipped)",
+             "confusion (rows: true, columns: predicted):",
+             " " * (width + 2) + " ".join(f"{c[:8]:>8}" for c in clf.classes)]
+    for c, row in zip(clf.classes, conf.tolist(), strict=True):
+        acc = f"{per_class[c]:.3f}" if per_class[c] is not None else "-"
+        lines.append(f"{c:>{width}}  " + " ".join(f"{v:>8}" for v in row) + f"   acc {acc}")
+    print("\n".join(lines), flush=True)
+    if output:
+        storage.write_bytes(output, json.dumps(result, indent=1).encode())
+        print(f"wrote {output}", flush=True)
+    return result

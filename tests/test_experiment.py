@@ -1,0 +1,101 @@
+"""Classifier reuse (name matching, copied rows), the zero-shot rule and the experiment's row configs."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import ray
+import torch
+import torchvision
+
+from pipeline.config import Config, ConfigError, validate
+from pipeline.experiment import row_config, zero_shot_accuracy, zero_shot_predict
+from pipeline.model import STAGES, SourceWeights, build_for_config, imagenet_categories, match_classes
+
+IMAGENET = imagenet_categories()
+
+
+@pytest.mark.parametrize("name", ["hot_dog", "hot-dog", "Hot Dog", "hotdog", "HOTDOG"])
+def test_spellings_of_hot_dog_match_imagenet_934(name):
+    assert IMAGENET[934] == "hotdog"
+    assert match_classes([name, "not_hot_dog"], IMAGENET).rows == {0: 934}
+
+
+def test_no_match_two_matches_and_ambiguous_names():
+    assert match_classes(["cats_x", "dogs_y"], IMAGENET).rows == {}
+    assert match_classes(["hotdog", "other", "Pizza"], IMAGENET).rows == {0: 934, 2: 963}
+    m = match_classes(["crane", "hotdog"], ["crane", "hotdog", "crane"])
+    assert m.rows == {1: 1} and m.ambiguous == {0: [0, 2]}  # two 'crane's: a guess, so not reused
+    assert match_classes(["hotdog"], None).rows == {}
+
+
+def _source(arch="resnet18"):
+    torch.manual_seed(1)
+    sd = torchvision.models.get_model(arch).state_dict()
+    return SourceWeights(sd, (0.5,) * 3, (0.5,) * 3, IMAGENET)
+
+
+@pytest.mark.parametrize("arch,head", [("resnet18", "fc"), ("mobilenet_v2", "classifier.1")])
+def test_reused_rows_equal_the_source_rows(arch, head):
+    source = _source(arch)
+    rows = match_classes(["pizza", "hot_dog", "rest"], source.categories).rows
+    assert rows == {0: 963, 1: 934}
+    cfg = Config()
+    cfg.model.arch = arch
+    model = build_for_config(cfg, 3, source, rows)
+    w, b = model.get_submodule(head).weight, model.get_submodule(head).bias
+    for target, src in rows.items():
+        assert torch.equal(w[target], source.state_dict[f"{head}.weight"][src])
+        assert torch.equal(b[target], source.state_dict[f"{head}.bias"][src])
+    assert b[2] == 0 and not any(torch.equal(w[2], source.state_dict[f"{head}.weight"][s]) for s in range(1000))
+    cfg.model.reuse_classifier = False  # switched off: every row is Xavier, bias 0
+    off = build_for_config(cfg, 3, source, rows).get_submodule(head)
+    assert torch.count_nonzero(off.bias) == 0 and not torch.equal(off.weight[1], w[1])
+
+
+def test_zero_shot_rule():
+    logits = np.array([[0, 9, 0, 1], [5, 0, 0, 1], [0, 0, 7, 1]], dtype=float)
+    # one matched class (0 <- category 1), class 1 is "the rest"
+    assert zero_shot_predict(logits, {0: 1}, 2).tolist() == [0, 1, 1]
+    # every class matched: top-1 among the matched categories only
+    assert zero_shot_predict(logits, {0: 3, 1: 2}, 2).tolist() == [0, 0, 1]
+    assert zero_shot_predict(logits, {0: 1}, 3) is None  # two unmatched classes: no rule
+    assert zero_shot_predict(logits, {}, 2) is None
+
+
+def test_zero_shot_accuracy_known_answer(ray_local):
+    """A source net whose classifier always says category 7: every image is the class matched to 7."""
+    source = _source()
+    source.state_dict["fc.weight"].zero_()
+    source.state_dict["fc.bias"].zero_()
+    source.state_dict["fc.bias"][7] = 1.0
+    rng = np.random.default_rng(0)
+    labels = [0] * 3 + [1] * 7
+    ds = ray.data.from_items([{"image": rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), "label": y}
+                              for y in labels])
+    prep = SimpleNamespace(source=source, classes=["seven", "rest"], reuse_rows={0: 7},
+                           splits={"test": SimpleNamespace(dataset=ds)})
+    assert zero_shot_accuracy(prep, "resnet18") == {"test_acc": 0.3, "test_images": 10}
+    prep.reuse_rows = {0: 3}  # category 7 now wins for "the rest"
+    assert zero_shot_accuracy(prep, "resnet18")["test_acc"] == 0.7
+
+
+def test_row_configs_change_only_what_the_row_says():
+    base = Config()
+    base.model.freeze_bn, base.optim.lr = True, 1e-3
+    assert not row_config(base, "finetune", 0).model.reuse_classifier
+    assert row_config(base, "finetune_reuse", 2).model.reuse_classifier
+    assert row_config(base, "finetune_reuse", 2).optim.seed == 2
+    assert row_config(base, "linear_probe", 0).model.freeze_depth == len(STAGES["resnet18"])
+    scratch = row_config(base, "scratch", 0)
+    assert (scratch.model.weights, scratch.model.freeze_bn, scratch.head_lr_mult) == ("none", False, 1.0)
+    assert scratch.lr != base.lr
+    tuned = row_config(base, "finetune_tuned", 1, {"lr": 0.02, "freeze_depth": 3, "head_lr_mult": 10.0})
+    assert (tuned.lr, tuned.model.freeze_depth) == (0.02, 3)
+
+
+def test_experiment_rows_validated():
+    cfg = Config()
+    cfg.experiment.rows = "finetune,fine_tune"
+    with pytest.raises(ConfigError, match="experiment.rows.*valid rows: zero_shot"):
+        validate(cfg)
