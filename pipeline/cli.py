@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--actors", type=int, default=0, help="model replicas (default: one per GPU, else 1)")
         p.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default: AWS_ENDPOINT_URL[_S3])")
         p.set_defaults(func=_evaluate if name == "evaluate" else _predict)
+    sub.add_parser("bench", add_help=False, help="measure the pipeline against a bare loop and the seed's "
+                   "DataLoader in one run (`finetune bench --help`)")
     report = sub.add_parser("report", help="HTML review of a Tune search (plots, trial table, confusion, errors)")
     report.add_argument("experiment", help="the search's folder: local or s3://bucket/prefix/name")
     report.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default: AWS_ENDPOINT_URL[_S3])")
@@ -186,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data import DatasetError
     from pipeline.fetch import FetchError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: argparse would not pass `--flags` through REMAINDER
+        from pipeline.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "s3_endpoint", ""):

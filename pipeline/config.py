@@ -22,6 +22,7 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
 PRECISIONS = ("auto", "bf16", "fp32")
 LOSS_REDUCTIONS = ("mean", "sum")
 SCHEDULES = ("cosine", "constant")
+CACHE_MODES = ("auto", "always", "never")
 USE_GPU = ("auto", "true", "false")
 
 # The seed recipe's learning rates are for a per-batch SUMMED loss (d2l's
@@ -56,6 +57,10 @@ class DataConfig:
                           "of the decoded copy kept for training crops.")
     max_bad_fraction: float = _f(0.05, "Stop before training when more than this fraction of images "
                                  "cannot be decoded (fewer are skipped and counted).")
+    cache_decoded: str = _f("auto", "Keep the decoded uint8 copy of each split in Ray's object store "
+                            "('always'; later epochs skip reading and decoding), stream read + decode every "
+                            "epoch ('never'; memory stays flat whatever the dataset size), or 'auto': cache "
+                            "while the copies fit half the object store.")
     preview_images: int = _f(8, "Augmented training images drawn into preview.png (0 = none).")
 
 
@@ -288,6 +293,7 @@ def validate(cfg: Config) -> Config:
     _check(d.resize_size >= d.image_size, "data.resize_size", d.resize_size,
            f"must be >= data.image_size ({d.image_size})")
     _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1]")
+    _check(d.cache_decoded in CACHE_MODES, "data.cache_decoded", d.cache_decoded, f"valid: {', '.join(CACHE_MODES)}")
     _check(0 <= d.preview_images <= 64, "data.preview_images", d.preview_images, "must be in 0..64")
     _check(m.arch in ARCHS, "model.arch", m.arch, f"valid: {', '.join(ARCHS)}")
     if m.weights not in ("imagenet", "none") and not m.weights.startswith("s3://"):

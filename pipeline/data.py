@@ -129,11 +129,49 @@ def _augment_batch(batch: dict, *, preset: ImagePreset) -> dict:
 
 @dataclass
 class DecodedSplit:
-    """A split decoded once and held in Ray's object store."""
+    """A split decoded once and held in Ray's object store, or (items set) a lazy read + decode
+    that streams on every pass: bounded memory for datasets larger than the object store."""
 
     dataset: ray.data.Dataset  # columns: image (uint8 HWC), label
     num_images: int
     bad_files: list[str]
+    items: list | None = None  # streaming only: the (path, label) list, for exact per-rank shards
+    decode_args: tuple = ()  # streaming only: (filesystem, preset, center_crop) to rebuild a shard
+
+    @property
+    def streaming(self) -> bool:
+        return self.items is not None
+
+
+def _items_dataset(items: list) -> ray.data.Dataset:
+    return ray.data.from_items([{"path": p, "label": y} for p, y in items],
+                               override_num_blocks=max(1, min(len(items) // ROWS_PER_BLOCK + 1, 4096)))
+
+
+def _decoded(items: list, fs, preset: ImagePreset, center_crop: bool) -> ray.data.Dataset:
+    ds = _items_dataset(items).map_batches(_decode_batch, batch_size=ROWS_PER_BLOCK, batch_format="numpy",
+                                           fn_kwargs={"filesystem": fs, "preset": preset, "center_crop": center_crop})
+    return ds.map_batches(_drop_bad, batch_size=ROWS_PER_BLOCK, batch_format="numpy")
+
+
+def decoded_bytes(num_images: int, preset: ImagePreset, center_crop: bool) -> int:
+    """Estimated object-store size of a decoded split (4:3 images, shorter side resize_size)."""
+    side = preset.image_size ** 2 if center_crop else preset.resize_size ** 2 * 4 // 3
+    return num_images * side * 3
+
+
+def stream_split(index: ImageFolderIndex, split: str, preset: ImagePreset, *, center_crop: bool,
+                 shuffle_seed: int | None = None) -> DecodedSplit:
+    """The lazy variant of decode_split: files are read and decoded on every pass; undecodable
+    files are dropped as they come (their count is not known before the first pass)."""
+    items = list(index.files[split])
+    if shuffle_seed is not None:
+        np.random.default_rng(shuffle_seed).shuffle(items)
+    if not items:
+        raise DatasetError(f"{index.root}: no images under {split}/")
+    fs, _ = storage.resolve(index.root)
+    return DecodedSplit(_decoded(items, fs, preset, center_crop), len(items), [], items=items,
+                        decode_args=(fs, preset, center_crop))
 
 
 def decode_split(index: ImageFolderIndex, split: str, preset: ImagePreset, *, center_crop: bool,
@@ -148,9 +186,7 @@ def decode_split(index: ImageFolderIndex, split: str, preset: ImagePreset, *, ce
     if not items:
         raise DatasetError(f"{index.root}: no images under {split}/")
     fs, _ = storage.resolve(index.root)
-    ds = ray.data.from_items([{"path": p, "label": y} for p, y in items],
-                             override_num_blocks=max(1, min(len(items) // ROWS_PER_BLOCK + 1, 256)))
-    decoded = ds.map_batches(_decode_batch, batch_size=ROWS_PER_BLOCK, batch_format="numpy",
+    decoded = _items_dataset(items).map_batches(_decode_batch, batch_size=ROWS_PER_BLOCK, batch_format="numpy",
                              fn_kwargs={"filesystem": fs, "preset": preset, "center_crop": center_crop}
                              ).materialize()
     n_bad = int(decoded.sum("bad") or 0)
@@ -183,4 +219,9 @@ def split_for_ranks(decoded: DecodedSplit, world_size: int) -> list[ray.data.Dat
     that is right for training (DDP needs equal steps) but wrong for metrics."""
     n = decoded.num_images
     cuts = [n * r // world_size for r in range(1, world_size)]
-    return list(decoded.dataset.split_at_indices(cuts)) if cuts else [decoded.dataset]
+    if not cuts:
+        return [decoded.dataset]
+    if decoded.streaming:  # split the file list, not the (not yet decoded) rows
+        bounds = [0, *cuts, n]
+        return [_decoded(decoded.items[a:b], *decoded.decode_args) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return list(decoded.dataset.split_at_indices(cuts))

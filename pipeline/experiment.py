@@ -18,14 +18,12 @@ import os
 import time
 
 import numpy as np
-import torch
-import torchvision
 
 from pipeline import plots, storage
 from pipeline.config import Config
 from pipeline.model import STAGES
 from pipeline.runner import Prepared, begin, make_trainer, prepare, run_name
-from pipeline.transforms import Normalizer
+from pipeline.zeroshot import zero_shot_accuracy
 
 ROW_TITLES = {
     "zero_shot": "zero-shot (source classifier)",
@@ -35,48 +33,6 @@ ROW_TITLES = {
     "finetune_tuned": "fine-tune, Tune-selected lr + freeze depth",
     "scratch": "from scratch, seed recipe",
 }
-
-
-# ---------------------------------------------------------------- zero-shot
-
-def zero_shot_predict(source_logits: np.ndarray, rows: dict[int, int], num_classes: int) -> np.ndarray | None:
-    """Target-class predictions from the source classifier's logits, or None when no rule exists.
-
-    A matched class is predicted where its source category is the top-1. With exactly one
-    unmatched class (hot dog vs not hot dog), that class is "the rest": predicted wherever
-    any other category wins. With every class matched, the top-1 among the matched categories
-    decides. Two or more unmatched classes cannot be told apart by the source classifier."""
-    unmatched = [t for t in range(num_classes) if t not in rows]
-    if not rows or len(unmatched) > 1:
-        return None
-    if not unmatched:
-        targets = np.array(sorted(rows))
-        return targets[source_logits[:, [rows[t] for t in targets]].argmax(1)]
-    top = source_logits.argmax(1)
-    pred = np.full(len(top), unmatched[0])
-    for target, src in rows.items():
-        pred[top == src] = target
-    return pred
-
-
-@torch.inference_mode()
-def zero_shot_accuracy(prep: Prepared, arch: str, split: str = "test") -> dict | None:
-    """The source network, unchanged, on a decoded split (fp32, on the driver)."""
-    if prep.source.state_dict is None:
-        return None
-    model = torchvision.models.get_model(arch, weights=None)
-    model.load_state_dict(prep.source.state_dict)
-    model.eval()
-    normalize = Normalizer(prep.source.mean, prep.source.std, channels_last=False)
-    correct = count = 0
-    for batch in prep.splits[split].dataset.iter_batches(batch_size=64, batch_format="numpy"):
-        logits = model(normalize(torch.as_tensor(batch["image"]))).numpy()
-        pred = zero_shot_predict(logits, prep.reuse_rows, len(prep.classes))
-        if pred is None:
-            return None
-        correct += int((pred == batch["label"]).sum())
-        count += len(pred)
-    return {"test_acc": correct / max(count, 1), "test_images": count}
 
 
 # ---------------------------------------------------------------- rows

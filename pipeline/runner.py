@@ -110,7 +110,7 @@ class TrainOutcome:
 def _write_artifacts(run_dir: str, history: list[dict], title: str) -> None:
     storage.write_bytes(storage.join(run_dir, "metrics.json"), json.dumps(history, indent=1).encode())
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
     storage.write_bytes(storage.join(run_dir, "metrics.csv"), buf.getvalue().encode())
@@ -135,6 +135,7 @@ class Prepared:
     res: Resources
     index: data.ImageFolderIndex
     reuse_rows: dict  # target class -> source category whose classifier row it starts from
+    rest_bias: dict  # the one unmatched class -> its starting bias (zeroshot.calibrate_rest_bias)
 
 
 def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) -> Prepared:
@@ -148,13 +149,19 @@ def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) ->
         index = data.stratified_split(index, val_fraction, seed=cfg.optim.seed)
     source = load_source_weights(cfg.model, progress=sys.stderr.isatty())
     preset = ImagePreset(cfg.data.image_size, cfg.data.resize_size)
+    need = sum(data.decoded_bytes(len(f), preset, split != "train") for split, f in index.files.items())
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    cache = cfg.data.cache_decoded == "always" or (cfg.data.cache_decoded == "auto" and need <= store / 2)
     splits = {}
     for split in index.files:
-        splits[split] = data.decode_split(index, split, preset, center_crop=split != "train",
-                                          max_bad_fraction=cfg.data.max_bad_fraction,
-                                          shuffle_seed=cfg.optim.seed if split == "train" else None)
+        kwargs = {"center_crop": split != "train", "shuffle_seed": cfg.optim.seed if split == "train" else None}
+        splits[split] = (data.decode_split(index, split, preset, max_bad_fraction=cfg.data.max_bad_fraction, **kwargs)
+                         if cache else data.stream_split(index, split, preset, **kwargs))
     skipped = sum(len(d.bad_files) for d in splits.values())
     sizes = ", ".join(f"{k} {v.num_images}" for k, v in splits.items())
+    mode = (f"decoded once, {need / 2**30:.2f} GiB cached" if cache else
+            f"streamed: read + decoded every epoch ({need / 2**30:.1f} GiB would not fit half the object store)")
+    print(f"data: {mode}", flush=True)
     print(f"data: {len(index.classes)} classes {index.classes}; {sizes} images; skipped {skipped} undecodable"
           f" | normalization mean={tuple(round(x, 4) for x in source.mean)}"
           f" std={tuple(round(x, 4) for x in source.std)}"
@@ -165,7 +172,12 @@ def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) ->
         print("classifier reuse: " + (match.describe(index.classes, source.categories) if source.categories
                                       else "the weights carry no category names (see model.categories)"),
               flush=True)
-    return Prepared(index.classes, preset, source, ref, splits, skipped, res, index, match.rows)
+    prep = Prepared(index.classes, preset, source, ref, splits, skipped, res, index, match.rows, {})
+    if cfg.model.reuse_classifier and match.rows:
+        from pipeline.zeroshot import calibrate_rest_bias
+
+        prep.rest_bias = calibrate_rest_bias(prep, cfg.model.arch)
+    return prep
 
 
 def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, fs, eval_split: str = "test",
@@ -177,7 +189,8 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
         datasets[f"eval_{rank}"] = shard
     meta = {"classes": prep.classes, "mean": list(prep.source.mean), "std": list(prep.source.std),
             "arch": cfg.model.arch, "skipped_images": prep.skipped, "eval_split": eval_split,
-            "reuse_rows": prep.reuse_rows if cfg.model.reuse_classifier and prep.source_ref is not None else {},
+            **({"reuse_rows": prep.reuse_rows, "rest_bias": prep.rest_bias}
+               if cfg.model.reuse_classifier and prep.source_ref is not None else {}),
             # Ray Train's equal split gives every rank floor(n / workers) rows.
             "steps_per_epoch": math.ceil(train.num_images // cfg.scaling.workers
                                          / (cfg.data.batch_size // cfg.scaling.workers))}

@@ -77,7 +77,7 @@ class EpochRunner:
         self.cfg, self.meta = cfg, meta
         self.device = ray.train.torch.get_device()
         self.bf16 = use_bf16(cfg.scaling.precision, self.device)
-        model = build_for_config(cfg, len(meta["classes"]), source, meta.get("reuse_rows"))
+        model = build_for_config(cfg, len(meta["classes"]), source, meta.get("reuse_rows"), meta.get("rest_bias"))
         fmt = torch.channels_last if cfg.scaling.channels_last else torch.contiguous_format
         self.raw_model = model.to(self.device, memory_format=fmt)
         self.model = ray.train.torch.prepare_model(self.raw_model)
@@ -86,6 +86,7 @@ class EpochRunner:
         self.normalize = Normalizer(meta["mean"], meta["std"], cfg.scaling.channels_last).to(self.device)
         self.world = ray.train.get_context().get_world_size()
         self.local_batch = cfg.data.batch_size // self.world
+        self.first_step_unix = 0.0  # wall-clock time of the first optimizer step (start-up benchmarks)
 
     def _batches(self, shard, shuffle: bool = False):
         # The buffer mixes rows across several blocks: SGD needs class-mixed batches.
@@ -106,6 +107,8 @@ class EpochRunner:
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
+            if not self.first_step_unix:
+                self.first_step_unix = time.time()
             stats += torch.stack([loss_sum.double(), (logits.argmax(1) == y).sum().double(),
                                   torch.tensor(y.numel(), dtype=torch.float64, device=self.device)])
         loss_sum, correct, count = _all_reduce(stats).tolist()
@@ -181,6 +184,7 @@ def train_loop_per_worker(loop_config: dict) -> list:
         train_s = time.perf_counter() - t0
         metrics.update(runner.evaluate(eval_shard, eval_split))
         metrics.update(epoch=epoch, examples_per_sec=metrics["train_images"] / train_s,
+                       first_step_unix=runner.first_step_unix,
                        epoch_time_s=time.perf_counter() - t0, skipped_images=meta["skipped_images"])
         history.append(metrics)
         if rank == 0:

@@ -9,8 +9,9 @@ import torch
 import torchvision
 
 from pipeline.config import Config, ConfigError, validate
-from pipeline.experiment import row_config, zero_shot_accuracy, zero_shot_predict
+from pipeline.experiment import row_config
 from pipeline.model import STAGES, SourceWeights, build_for_config, imagenet_categories, match_classes
+from pipeline.zeroshot import rest_threshold, zero_shot_accuracy, zero_shot_predict
 
 IMAGENET = imagenet_categories()
 
@@ -78,6 +79,22 @@ def test_zero_shot_accuracy_known_answer(ray_local):
     assert zero_shot_accuracy(prep, "resnet18") == {"test_acc": 0.3, "test_images": 10}
     prep.reuse_rows = {0: 3}  # category 7 now wins for "the rest"
     assert zero_shot_accuracy(prep, "resnet18")["test_acc"] == 0.7
+
+
+def test_rest_threshold_reproduces_the_best_zero_shot_rule():
+    # matched class 0 <- category 1; class 1 is the rest. Category-1 logits: 9, 5, 3, 1 for labels 0, 0, 1, 1.
+    logits = np.zeros((4, 3))
+    logits[:, 1] = [9, 5, 3, 1]
+    t, acc = rest_threshold(logits, np.array([0, 0, 1, 1]), {0: 1}, rest=1)
+    assert 3 < t < 5 and acc == 1.0
+    t, acc = rest_threshold(logits, np.array([1, 0, 1, 0]), {0: 1}, rest=1)
+    assert acc == 0.5
+
+
+def test_rest_bias_goes_into_the_head():
+    source = _source()
+    model = build_for_config(Config(), 2, source, {0: 934}, {1: 7.5})
+    assert model.fc.bias[1] == 7.5 and torch.equal(model.fc.weight[0], source.state_dict["fc.weight"][934])
 
 
 def test_row_configs_change_only_what_the_row_says():

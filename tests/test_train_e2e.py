@@ -94,3 +94,15 @@ def test_augmentation_redrawn_every_epoch(ray_local, tiny_dataset):
     second = stream.take_batch(16)["image"]
     assert first.shape == (16, 48, 48, 3) and first.dtype == np.uint8
     assert not np.array_equal(first, second)
+
+
+def test_streaming_mode_reads_every_epoch_and_still_counts_each_image_once(ray_local, tiny_dataset, source_weights,
+                                                                           tmp_path, capsys):
+    """data.cache_decoded never: no decoded copy is kept; per-rank eval shards come from the file list."""
+    cfg = config_from_args(build_parser().parse_args(
+        ["train", "--data", tiny_dataset, "--workers", "2", "--epochs", "2", "--storage", str(tmp_path),
+         "--name", "stream", "--weights", source_weights, "--data.cache_decoded", "never", *TINY]))
+    out = run_training(cfg)
+    assert "data: streamed: read + decoded every epoch" in capsys.readouterr().out
+    assert [h["test_images"] for h in out.history] == [24, 24]
+    assert [h["train_images"] for h in out.history] == [64, 64]
