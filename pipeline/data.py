@@ -160,15 +160,20 @@ def decoded_bytes(num_images: int, preset: ImagePreset, center_crop: bool) -> in
     return num_images * side * 3
 
 
-def stream_split(index: ImageFolderIndex, split: str, preset: ImagePreset, *, center_crop: bool,
-                 shuffle_seed: int | None = None) -> DecodedSplit:
-    """The lazy variant of decode_split: files are read and decoded on every pass; undecodable
-    files are dropped as they come (their count is not known before the first pass)."""
+def _split_items(index: ImageFolderIndex, split: str, shuffle_seed: int | None) -> list:
     items = list(index.files[split])
     if shuffle_seed is not None:
         np.random.default_rng(shuffle_seed).shuffle(items)
     if not items:
         raise DatasetError(f"{index.root}: no images under {split}/")
+    return items
+
+
+def stream_split(index: ImageFolderIndex, split: str, preset: ImagePreset, *, center_crop: bool,
+                 shuffle_seed: int | None = None) -> DecodedSplit:
+    """The lazy variant of decode_split: files are read and decoded on every pass; undecodable
+    files are dropped as they come (their count is not known before the first pass)."""
+    items = _split_items(index, split, shuffle_seed)
     fs, _ = storage.resolve(index.root)
     return DecodedSplit(_decoded(items, fs, preset, center_crop), len(items), [], items=items,
                         decode_args=(fs, preset, center_crop))
@@ -180,11 +185,7 @@ def decode_split(index: ImageFolderIndex, split: str, preset: ImagePreset, *, ce
 
     shuffle_seed: shuffle the file list first, so every block mixes classes (the files
     are sorted by class, and per-epoch shuffling only reorders blocks and rows nearby)."""
-    items = list(index.files[split])
-    if shuffle_seed is not None:
-        np.random.default_rng(shuffle_seed).shuffle(items)
-    if not items:
-        raise DatasetError(f"{index.root}: no images under {split}/")
+    items = _split_items(index, split, shuffle_seed)
     fs, _ = storage.resolve(index.root)
     decoded = _items_dataset(items).map_batches(_decode_batch, batch_size=ROWS_PER_BLOCK, batch_format="numpy",
                              fn_kwargs={"filesystem": fs, "preset": preset, "center_crop": center_crop}
