@@ -63,7 +63,9 @@ def ray_head(s3, tmp_path_factory):
     token = tmp_path_factory.mktemp("auth") / "auth_token"
     token.write_text(secrets.token_hex(32))
     # What a cluster node has in its environment: token auth and S3 credentials (as an instance role would).
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
+           # The job's `python` is the node's: here, this virtualenv's (activated or not).
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     env.pop("RAY_ADDRESS", None)
     gcs, dash, nm, om, client, agent, agent_grpc, metrics, renv, wmin = _free_ports(10)
     log = open(tmp_path_factory.mktemp("head") / "ray_start.log", "w")
