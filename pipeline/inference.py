@@ -6,8 +6,9 @@ import numpy as np
 import torch
 
 from pipeline.model import build_model
+from pipeline.normalize import Normalizer
 from pipeline.train_loop import load_checkpoint, use_bf16
-from pipeline.transforms import ImagePreset, Normalizer
+from pipeline.transforms import ImagePreset
 
 
 class Classifier:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import queue
 import sys
 import tempfile
+import threading
 import time
 
 import ray.train
@@ -16,7 +18,7 @@ from torch import nn
 
 from pipeline.config import Config
 from pipeline.model import SourceWeights, build_for_config, make_optimizer, make_scheduler, set_train_mode
-from pipeline.transforms import Normalizer
+from pipeline.normalize import Normalizer
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -70,6 +72,31 @@ def load_checkpoint(directory: str) -> dict:
     return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
 
 
+class EpochPrefetcher:
+    """One epoch of batches pulled by a background thread into a short queue."""
+
+    _END = object()
+
+    def __init__(self, batches, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._pull, args=(batches,), daemon=True)
+        self._thread.start()
+
+    def _pull(self, batches) -> None:
+        try:
+            for batch in batches:
+                self._queue.put(batch)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
+            self._queue.put(e)
+        self._queue.put(self._END)
+
+    def __iter__(self):
+        while (item := self._queue.get()) is not self._END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
 class EpochRunner:
     """One worker's model, optimizer and loops; state_dict() is what a checkpoint holds."""
 
@@ -89,16 +116,24 @@ class EpochRunner:
         self.first_step_unix = 0.0  # wall-clock time of the first optimizer step (start-up benchmarks)
 
     def _batches(self, shard, shuffle: bool = False):
-        # The buffer mixes rows across several blocks: SGD needs class-mixed batches.
+        # The buffer mixes rows across several blocks: SGD needs class-mixed batches. It fills
+        # before the first batch comes out, so it is capped at half this rank's epoch.
+        rows = self.meta.get("train_rows_per_rank", 8 * self.local_batch)
+        buffer = min(4 * self.local_batch, max(self.local_batch, rows // 2))
         return shard.iter_torch_batches(batch_size=self.local_batch, device=self.device, prefetch_batches=2,
-                                        local_shuffle_buffer_size=4 * self.local_batch if shuffle else None,
+                                        local_shuffle_buffer_size=buffer if shuffle else None,
                                         dtypes={"image": torch.uint8, "label": torch.int64})
 
-    def train_epoch(self, shard) -> dict:
+    def prefetch_epoch(self, shard) -> EpochPrefetcher:
+        """Start the next training epoch's data now (augmentation, shuffle buffer, transfer), so it
+        is ready while this epoch is still being evaluated and checkpointed."""
+        return EpochPrefetcher(self._batches(shard, shuffle=True))
+
+    def train_epoch(self, batches) -> dict:
         set_train_mode(self.model, self.cfg.model.freeze_bn, self.cfg.model.arch, self.cfg.model.freeze_depth)
         # Sums kept on the device: no host sync per batch, one all-reduce per epoch.
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
-        for batch in self._batches(shard, shuffle=True):
+        for batch in batches:
             x, y = self.normalize(batch["image"]), batch["label"]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 logits = self.model(x)
@@ -172,9 +207,10 @@ def train_loop_per_worker(loop_config: dict) -> list:
         # Resumed a run that had already finished (its driver died before hearing so):
         # report the final epoch again so whoever drives this run (a Tune trial) gets a result.
         ray.train.report(history[-1])
+    batches = runner.prefetch_epoch(train_shard) if start_epoch <= epochs else None
     for epoch in range(start_epoch, epochs + 1):
         t0 = time.perf_counter()
-        metrics = runner.train_epoch(train_shard)
+        metrics = runner.train_epoch(batches)
         if cfg.run.crash_at_epoch == epoch and checkpoint is None and rank == ctx.get_world_size() - 1:
             # Fault injection for tests: mid-epoch, first attempt only (never after a restore).
             # The pause lets the controller record the previous epoch's report first, as it
@@ -182,6 +218,7 @@ def train_loop_per_worker(loop_config: dict) -> list:
             time.sleep(3)
             os._exit(1)
         train_s = time.perf_counter() - t0
+        batches = runner.prefetch_epoch(train_shard) if epoch < epochs else None
         metrics.update(runner.evaluate(eval_shard, eval_split))
         metrics.update(epoch=epoch, examples_per_sec=metrics["train_images"] / train_s,
                        first_step_unix=runner.first_step_unix,

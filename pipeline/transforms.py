@@ -2,8 +2,8 @@
 
 Images are decoded ONCE per run into a uint8 copy whose shorter side is
 ``resize_size``; per-epoch work is then only crop + flip on uint8 (cheap), and
-float conversion + normalization happen in the training loop, on the GPU when
-there is one.
+float conversion + normalization happen in the training loop (normalize.Normalizer), on
+the GPU when there is one.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps
-from torchvision.transforms.v2 import functional as F
+
+# torch is imported where it is used (ImagePreset.train): the decode tasks that Ray Data starts
+# first never need it, and importing it costs seconds of start-up in every new worker process.
 
 # A 10000x10000 image is a legitimate photo, not a decompression bomb; the JPEG
 # draft mode below keeps its decode memory bounded anyway.
@@ -94,6 +95,9 @@ class ImagePreset:
 
     def train(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """RandomResizedCrop(image_size) + RandomHorizontalFlip on uint8 HWC."""
+        import torch
+        from torchvision.transforms.v2 import functional as F
+
         top, left, ch, cw = self.crop_box(img.shape[0], img.shape[1], rng)
         crop = np.array(img[top:top + ch, left:left + cw])  # a copy: Ray's blocks are read-only
         chw = torch.from_numpy(crop).permute(2, 0, 1)
@@ -101,20 +105,3 @@ class ImagePreset:
         if rng.random() < 0.5:
             out = out.flip(-1)
         return out.permute(1, 2, 0).contiguous().numpy()
-
-
-class Normalizer(torch.nn.Module):
-    """uint8 NHWC batch -> normalized float NCHW (channels_last strides), on the batch's device."""
-
-    def __init__(self, mean, std, channels_last: bool = True):
-        super().__init__()
-        self.channels_last = channels_last
-        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1)), persistent=False)
-        self.register_buffer("shift", -torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1),
-                             persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # NHWC permuted to NCHW *is* channels_last in memory: no copy needed.
-        x = x.permute(0, 3, 1, 2).float()
-        x = torch.addcmul(self.shift, x, self.scale)
-        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)

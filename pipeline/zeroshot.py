@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torchvision
 
-from pipeline.transforms import Normalizer
+from pipeline.normalize import Normalizer
 
 CALIBRATION_IMAGES = 512  # enough to place one threshold; keeps the driver's CPU pass short
 

@@ -121,7 +121,7 @@ def _submit(head, job: str, *args: str) -> tuple[str, str, str]:
 def test_train_job_succeeds_and_checkpoints_land_in_s3(ray_head, tiny_dataset, s3):
     status, logs, _ = _submit(ray_head, "train", "--config", "configs/smoke_cpu.yaml", "--data", tiny_dataset,
                               "--storage", "s3://runs/jobs", "--name", "job-train")
-    assert "SUCCEEDED" in status, logs[-3000:]
+    assert "succeeded" in status.lower(), logs[-3000:]
     assert re.search(r"epoch 1/2 .* test acc", logs) and re.search(r"epoch 2/2 .* test acc", logs)
     assert "cluster: 2 CPUs, 0 GPUs | workers=1" in logs
     keys = _keys("jobs/job-train/")
@@ -132,7 +132,7 @@ def test_train_job_succeeds_and_checkpoints_land_in_s3(ray_head, tiny_dataset, s
 def test_bad_config_job_fails_with_the_config_error(ray_head, tiny_dataset):
     status, logs, _ = _submit(ray_head, "train", "--config", "configs/smoke_cpu.yaml", "--data", tiny_dataset,
                               "--epochs", "0")
-    assert "FAILED" in status
+    assert "failed" in status.lower()
     assert "config error: optim.epochs = 0: must be in 1..10000" in logs
 
 
@@ -140,7 +140,7 @@ def test_tune_job_succeeds(ray_head, tiny_dataset, s3):
     status, logs, _ = _submit(ray_head, "tune", "--config", "configs/smoke_cpu.yaml", "--data", tiny_dataset,
                               "--storage", "s3://runs/jobs", "--name", "job-tune", "--num-samples", "2",
                               "--tune.max_concurrent_trials", "1")
-    assert "SUCCEEDED" in status, logs[-3000:]
+    assert "succeeded" in status.lower(), logs[-3000:]
     assert "best trial" in logs and "test acc of its best checkpoint" in logs
     assert "jobs/job-tune/best.json" in _keys("jobs/job-tune/")
 

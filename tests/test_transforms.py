@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from pipeline.transforms import ImagePreset, Normalizer
+from pipeline.normalize import Normalizer
+from pipeline.transforms import ImagePreset
 
 PRESET = ImagePreset(image_size=56, resize_size=64)
 
