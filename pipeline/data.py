@@ -136,7 +136,7 @@ class DecodedSplit:
     num_images: int
     bad_files: list[str]
     items: list | None = None  # streaming only: the (path, label) list, for exact per-rank shards
-    decode_args: tuple = ()  # streaming only: (filesystem, preset, center_crop) to rebuild a shard
+    decode_args: tuple = ()  # streaming only: (filesystem, preset, center_crop, task_cpus) to rebuild a shard
 
     @property
     def streaming(self) -> bool:
@@ -148,10 +148,11 @@ def _items_dataset(items: list) -> ray.data.Dataset:
                                override_num_blocks=max(1, min(len(items) // ROWS_PER_BLOCK + 1, 4096)))
 
 
-def _decoded(items: list, fs, preset: ImagePreset, center_crop: bool) -> ray.data.Dataset:
+def _decoded(items: list, fs, preset: ImagePreset, center_crop: bool, task_cpus: float = 1.0) -> ray.data.Dataset:
     ds = _items_dataset(items).map_batches(_decode_batch, batch_size=ROWS_PER_BLOCK, batch_format="numpy",
+                                           num_cpus=task_cpus,
                                            fn_kwargs={"filesystem": fs, "preset": preset, "center_crop": center_crop})
-    return ds.map_batches(_drop_bad, batch_size=ROWS_PER_BLOCK, batch_format="numpy")
+    return ds.map_batches(_drop_bad, batch_size=ROWS_PER_BLOCK, batch_format="numpy", num_cpus=task_cpus)
 
 
 def decoded_bytes(num_images: int, preset: ImagePreset, center_crop: bool) -> int:
@@ -170,13 +171,13 @@ def _split_items(index: ImageFolderIndex, split: str, shuffle_seed: int | None) 
 
 
 def stream_split(index: ImageFolderIndex, split: str, preset: ImagePreset, *, center_crop: bool,
-                 shuffle_seed: int | None = None) -> DecodedSplit:
+                 shuffle_seed: int | None = None, task_cpus: float = 1.0) -> DecodedSplit:
     """The lazy variant of decode_split: files are read and decoded on every pass; undecodable
     files are dropped as they come (their count is not known before the first pass)."""
     items = _split_items(index, split, shuffle_seed)
     fs, _ = storage.resolve(index.root)
-    return DecodedSplit(_decoded(items, fs, preset, center_crop), len(items), [], items=items,
-                        decode_args=(fs, preset, center_crop))
+    return DecodedSplit(_decoded(items, fs, preset, center_crop, task_cpus), len(items), [], items=items,
+                        decode_args=(fs, preset, center_crop, task_cpus))
 
 
 def decode_split(index: ImageFolderIndex, split: str, preset: ImagePreset, *, center_crop: bool,

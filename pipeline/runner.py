@@ -161,7 +161,8 @@ def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) ->
         kwargs = {"center_crop": split != "train", "shuffle_seed": cfg.optim.seed if split == "train" else None}
         if cache:
             return data.decode_split(index, split, preset, max_bad_fraction=cfg.data.max_bad_fraction, **kwargs)
-        return data.stream_split(index, split, preset, **kwargs)
+        # Decoding runs beside training here: it gets the CPU share kept for the data tasks.
+        return data.stream_split(index, split, preset, task_cpus=res.data_task_cpus, **kwargs)
 
     # All splits decode at once: one Ray Data execution per split, run side by side, so the
     # small eval split does not wait for train to finish (or the other way round).
