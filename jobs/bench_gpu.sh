@@ -2,7 +2,7 @@
 # ResNet-18, 224 px, bf16 training images/s on ONE GPU: the bare loop vs the whole pipeline
 # (Ray Data -> TorchTrainer, 2 epochs, a fine-tune from a weights file), plus Ray Data vs DataLoader
 # ingest. Installs nothing from the network: torch/torchvision must be there; Ray and its few
-# extra dependencies may come as wheels in .whl/ (see README "Performance"). About 5 minutes.
+# extra dependencies may come as wheels in .whl/ (made by jobs/gpu_wheels.sh). About 5 minutes.
 #   bash jobs/bench_gpu.sh            # from the repo root; results in $OUT (default: a temp dir)
 set -euo pipefail
 OUT=${OUT:-$(mktemp -d)}
