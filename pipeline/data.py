@@ -148,10 +148,13 @@ def _items_dataset(items: list) -> ray.data.Dataset:
                                override_num_blocks=max(1, min(len(items) // ROWS_PER_BLOCK + 1, 4096)))
 
 
-def _decoded(items: list, fs, preset: ImagePreset, center_crop: bool, task_cpus: float = 1.0) -> ray.data.Dataset:
-    ds = _items_dataset(items).map_batches(_decode_batch, batch_size=ROWS_PER_BLOCK, batch_format="numpy",
-                                           num_cpus=task_cpus,
-                                           fn_kwargs={"filesystem": fs, "preset": preset, "center_crop": center_crop})
+def _decoded(items: list, fs, preset: ImagePreset, center_crop: bool, task_cpus: float = 1.0,
+             randomize: bool = False) -> ray.data.Dataset:
+    ds = _items_dataset(items)
+    if randomize:
+        ds = ds.randomize_block_order()
+    ds = ds.map_batches(_decode_batch, batch_size=ROWS_PER_BLOCK, batch_format="numpy", num_cpus=task_cpus,
+                        fn_kwargs={"filesystem": fs, "preset": preset, "center_crop": center_crop})
     return ds.map_batches(_drop_bad, batch_size=ROWS_PER_BLOCK, batch_format="numpy", num_cpus=task_cpus)
 
 
@@ -210,8 +213,15 @@ def train_stream(decoded: DecodedSplit, preset: ImagePreset, task_cpus: float = 
     Block order is redrawn each epoch; the training loop's local shuffle buffer mixes
     rows across blocks. task_cpus below 1 lets crop/flip tasks fit beside training
     workers that hold most CPUs."""
-    return decoded.dataset.randomize_block_order().map_batches(_augment_batch, batch_size=32, batch_format="numpy",
-                                       num_cpus=task_cpus, fn_kwargs={"preset": preset})
+    if decoded.streaming:
+        # Randomize the blocks of file paths, not of decoded images: randomize_block_order is
+        # an all-to-all step that holds every input block, and here that would be the whole
+        # decoded split in the object store (memory growing with the dataset).
+        source = _decoded(decoded.items, *decoded.decode_args, randomize=True)
+    else:
+        source = decoded.dataset.randomize_block_order()
+    return source.map_batches(_augment_batch, batch_size=32, batch_format="numpy", num_cpus=task_cpus,
+                              fn_kwargs={"preset": preset})
 
 
 def split_for_ranks(decoded: DecodedSplit, world_size: int) -> list[ray.data.Dataset]:
