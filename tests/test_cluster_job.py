@@ -1,6 +1,6 @@
 """Cluster operation against a real Ray head: `ray start --head` with token authentication on free
 ports and its own temp dir, jobs submitted with the `ray job submit` CLI (the README's commands),
-results in SeaweedFS; the head is stopped by the processes this test started, never `ray stop`."""
+results in SeaweedFS; the head is stopped through the PIDs this test started, nothing machine-wide."""
 
 import io
 import json
