@@ -96,28 +96,36 @@ def stratified_split(index: ImageFolderIndex, fraction: float, seed: int) -> Ima
 
 # ---------------------------------------------------------------- Ray Data stages
 
-def _decode_batch(batch: dict, *, filesystem: pafs.FileSystem, preset: ImagePreset, center_crop: bool) -> dict:
-    images, bad = [], []
-    for path in batch["path"]:
+def _decode_images(paths, filesystem: pafs.FileSystem, preset: ImagePreset, center_crop: bool) -> list:
+    """Decoded images, None where a file is not a decodable image (counted by the caller, never fatal)."""
+    images = []
+    for path in paths:
         try:
             with filesystem.open_input_stream(path) as f:
                 img = preset.decode(f.read())
             images.append(preset.eval(img) if center_crop else img)
-            bad.append(False)
-        except Exception:  # noqa: BLE001 - any undecodable input is counted and skipped, never fatal
-            images.append(np.zeros((1, 1, 3), np.uint8))
-            bad.append(True)
-    out = np.empty(len(images), dtype=object)
-    out[:] = images
-    return {"path": batch["path"], "label": batch["label"], "image": out, "bad": np.array(bad)}
+        except Exception:  # noqa: BLE001 - any undecodable input is skipped
+            images.append(None)
+    return images
 
 
-def _drop_bad(batch: dict) -> dict:
-    keep = ~batch["bad"]
-    image = batch["image"][keep]
-    if image.dtype == object and len(image) and len({im.shape for im in image}) == 1:
-        image = np.stack(list(image))
-    return {"image": image, "label": batch["label"][keep]}
+def _decode_batch(batch: dict, *, filesystem: pafs.FileSystem, preset: ImagePreset, center_crop: bool) -> dict:
+    """Read + decode, dropping undecodable files in the same pass (the decoded copy is never
+    copied again to filter it)."""
+    images = _decode_images(batch["path"], filesystem, preset, center_crop)
+    keep = np.array([im is not None for im in images], dtype=bool)
+    good = [im for im in images if im is not None]
+    if good and len({im.shape for im in good}) == 1:
+        image = np.stack(good)  # eval crops: one fixed-shape tensor column
+    else:
+        image = np.empty(len(good), dtype=object)
+        image[:] = good
+    return {"image": image, "label": np.asarray(batch["label"])[keep]}
+
+
+def _undecodable_paths(batch: dict, *, filesystem: pafs.FileSystem, preset: ImagePreset) -> dict:
+    images = _decode_images(batch["path"], filesystem, preset, center_crop=False)
+    return {"path": np.array([p for p, im in zip(batch["path"], images, strict=True) if im is None], dtype=object)}
 
 
 def _augment_batch(batch: dict, *, preset: ImagePreset) -> dict:
@@ -153,9 +161,8 @@ def _decoded(items: list, fs, preset: ImagePreset, center_crop: bool, task_cpus:
     ds = _items_dataset(items)
     if randomize:
         ds = ds.randomize_block_order()
-    ds = ds.map_batches(_decode_batch, batch_size=ROWS_PER_BLOCK, batch_format="numpy", num_cpus=task_cpus,
-                        fn_kwargs={"filesystem": fs, "preset": preset, "center_crop": center_crop})
-    return ds.map_batches(_drop_bad, batch_size=ROWS_PER_BLOCK, batch_format="numpy", num_cpus=task_cpus)
+    return ds.map_batches(_decode_batch, batch_size=ROWS_PER_BLOCK, batch_format="numpy", num_cpus=task_cpus,
+                          fn_kwargs={"filesystem": fs, "preset": preset, "center_crop": center_crop})
 
 
 def decoded_bytes(num_images: int, preset: ImagePreset, center_crop: bool) -> int:
@@ -191,19 +198,21 @@ def decode_split(index: ImageFolderIndex, split: str, preset: ImagePreset, *, ce
     are sorted by class, and per-epoch shuffling only reorders blocks and rows nearby)."""
     items = _split_items(index, split, shuffle_seed)
     fs, _ = storage.resolve(index.root)
-    decoded = _items_dataset(items).map_batches(_decode_batch, batch_size=ROWS_PER_BLOCK, batch_format="numpy",
-                             fn_kwargs={"filesystem": fs, "preset": preset, "center_crop": center_crop}
-                             ).materialize()
-    n_bad = int(decoded.sum("bad") or 0)
+    good = _items_dataset(items).map_batches(_decode_batch, batch_size=ROWS_PER_BLOCK, batch_format="numpy",
+                                             fn_kwargs={"filesystem": fs, "preset": preset,
+                                                        "center_crop": center_crop}).materialize()
+    n_bad = len(items) - good.count()  # count() of a materialized dataset reads only block metadata
     bad_files: list[str] = []
     if n_bad:
-        bad_files = [r["path"] for r in decoded.filter(lambda r: r["bad"]).select_columns(["path"]).take_all()]
+        # Rare, so found by a second look at the files rather than carried through the decoded copy.
+        bad_files = sorted(r["path"] for r in _items_dataset(items).map_batches(
+            _undecodable_paths, batch_size=ROWS_PER_BLOCK, batch_format="numpy",
+            fn_kwargs={"filesystem": fs, "preset": preset}).take_all())
         if n_bad / len(items) > max_bad_fraction:
             raise DatasetError(
                 f"{index.root}: {n_bad} of {len(items)} {split} images cannot be decoded "
                 f"({n_bad / len(items):.1%} > data.max_bad_fraction {max_bad_fraction:.1%}); "
                 f"first: {bad_files[:3]}")
-    good = decoded.map_batches(_drop_bad, batch_size=ROWS_PER_BLOCK, batch_format="numpy").materialize()
     return DecodedSplit(dataset=good, num_images=len(items) - n_bad, bad_files=bad_files)
 
 

@@ -62,8 +62,12 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     # Empty address: join the cluster of a `ray job submit` (RAY_ADDRESS) or start a local one.
-    ray.init(address=cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None,
-             log_to_driver=True, configure_logging=False)
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        # A local in-process Ray is never drained or preempted: Ray Train's preemption watcher
+        # would be one more actor process to start (seconds of CPU) before the first step.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray.init(address=address, log_to_driver=True, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.print_on_execution_start = False

@@ -113,7 +113,9 @@ class EpochRunner:
         self.normalize = Normalizer(meta["mean"], meta["std"], cfg.scaling.channels_last).to(self.device)
         self.world = ray.train.get_context().get_world_size()
         self.local_batch = cfg.data.batch_size // self.world
-        self.first_step_unix = 0.0  # wall-clock time of the first optimizer step (start-up benchmarks)
+        # Wall-clock times (start-up benchmarks): the first batch in hand, i.e. training begins,
+        # and the first optimizer step done (one step later: seconds on a CPU).
+        self.first_batch_unix = self.first_step_unix = 0.0
 
     def _batches(self, shard, shuffle: bool = False):
         # The buffer mixes rows across several blocks: SGD needs class-mixed batches. It fills
@@ -134,6 +136,8 @@ class EpochRunner:
         # Sums kept on the device: no host sync per batch, one all-reduce per epoch.
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
         for batch in batches:
+            if not self.first_batch_unix:
+                self.first_batch_unix = time.time()
             x, y = self.normalize(batch["image"]), batch["label"]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 logits = self.model(x)
@@ -221,7 +225,7 @@ def train_loop_per_worker(loop_config: dict) -> list:
         batches = runner.prefetch_epoch(train_shard) if epoch < epochs else None
         metrics.update(runner.evaluate(eval_shard, eval_split))
         metrics.update(epoch=epoch, examples_per_sec=metrics["train_images"] / train_s,
-                       first_step_unix=runner.first_step_unix,
+                       first_batch_unix=runner.first_batch_unix, first_step_unix=runner.first_step_unix,
                        epoch_time_s=time.perf_counter() - t0, skipped_images=meta["skipped_images"])
         history.append(metrics)
         if rank == 0:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-# torch is imported where it is used (ImagePreset.train): the decode tasks that Ray Data starts
-# first never need it, and importing it costs seconds of start-up in every new worker process.
+# No torch here: Ray Data's decode and augmentation tasks import this module, and importing torch
+# costs seconds of start-up in every new worker process.
 
 # A 10000x10000 image is a legitimate photo, not a decompression bomb; the JPEG
 # draft mode below keeps its decode memory bounded anyway.
@@ -94,14 +94,14 @@ class ImagePreset:
         return (h - ch) // 2, (w - cw) // 2, ch, cw
 
     def train(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """RandomResizedCrop(image_size) + RandomHorizontalFlip on uint8 HWC."""
-        import torch
-        from torchvision.transforms.v2 import functional as F
+        """RandomResizedCrop(image_size) + RandomHorizontalFlip on uint8 HWC.
 
+        PIL's resize with a source box crops and resizes in one pass, as torchvision's
+        RandomResizedCrop does for PIL images. Not torch: the augmentation tasks would each
+        import it (seconds of CPU per worker process, on the path to the first training step)."""
         top, left, ch, cw = self.crop_box(img.shape[0], img.shape[1], rng)
-        crop = np.array(img[top:top + ch, left:left + cw])  # a copy: Ray's blocks are read-only
-        chw = torch.from_numpy(crop).permute(2, 0, 1)
-        out = F.resize(chw, [self.image_size, self.image_size], antialias=True)  # uint8 SIMD path
+        out = Image.fromarray(img).resize((self.image_size, self.image_size), Image.BILINEAR,
+                                          box=(left, top, left + cw, top + ch))
         if rng.random() < 0.5:
-            out = out.flip(-1)
-        return out.permute(1, 2, 0).contiguous().numpy()
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.asarray(out)
