@@ -3,6 +3,7 @@ worker failure, and clear errors for every way the storage can be wrong."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,25 +92,35 @@ def _finetune(args, **kw):
 
 
 def test_killed_driver_resumes_where_it_stopped(s3, staged, source_weights):
-    args = ["train", "--data", "s3://datasets/tiny", "--weights", source_weights, "--freeze-bn", "--epochs", "3",
-            "--storage", "s3://runs/resume", "--name", "r1", *SMALL]
+    epochs = 6  # enough that the kill lands mid-run however fast the tiny epochs go
+    args = ["train", "--data", "s3://datasets/tiny", "--weights", source_weights, "--freeze-bn", "--epochs",
+            str(epochs), "--storage", "s3://runs/resume", "--name", "r1", *SMALL]
     first = _finetune(args)
     seen = []
     for line in first.stdout:
         seen.append(line)
-        if "epoch 1/3" in line:
-            time.sleep(3)  # let the epoch-1 checkpoint land
+        if f"epoch 1/{epochs}" in line:
+            # Kill as soon as the epoch-1 checkpoint is in the bucket, not after a fixed sleep
+            # (later epochs may land too by then: the resume point is read from the output).
+            deadline = time.monotonic() + 60
+            while not any(k.endswith("checkpoint.pt") for k in objects("runs", "resume/r1/")):
+                assert time.monotonic() < deadline, "no epoch-1 checkpoint in the bucket after 60 s"
+                time.sleep(0.2)
             os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
             break
     first.wait()
-    assert any("epoch 1/3" in line for line in seen), "".join(seen[-30:])
+    assert any(f"epoch 1/{epochs}" in line for line in seen), "".join(seen[-30:])
     second = _finetune(args)
     out, _ = second.communicate(timeout=600)
     assert second.returncode == 0, out[-3000:]
-    assert "resuming from epoch 1 checkpoint" in out
-    assert "epoch 2/3" in out and "epoch 3/3" in out and "epoch 1/3" not in out
+    resumed = re.search(r"resuming from epoch (\d+) checkpoint", out)
+    assert resumed, out[-3000:]
+    done = int(resumed.group(1))
+    assert 1 <= done < epochs, f"killed after the run ended (resumed at epoch {done})"
+    assert all(f"epoch {e}/{epochs}" in out for e in range(done + 1, epochs + 1)), out[-3000:]
+    assert not any(f"epoch {e}/{epochs} " in out for e in range(1, done + 1)), out[-3000:]
     history = json.loads(boto3.client("s3").get_object(Bucket="runs", Key="resume/r1/metrics.json")["Body"].read())
-    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
     # Credentials never appear in the run's output or anything it saved.
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert secret not in out and secret not in "".join(seen)
