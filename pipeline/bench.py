@@ -34,6 +34,7 @@ from pipeline.synthetic import make_image
 
 PY = sys.executable
 THROUGHPUT_SAMPLE_S = 5.0  # memory sampling period while throughput is measured (see run_command)
+MEMORY_SAMPLE_S = 0.5  # ... and in the runs that measure memory
 
 
 @dataclass
@@ -124,12 +125,12 @@ class MemorySampler(threading.Thread):
             self.stop_flag.wait(self.every)
 
 
-def run_command(cmd: list[str], marker: str = r"epoch 1/", sample_every: float = 0.5) -> dict:
+def run_command(cmd: list[str], marker: str = r"epoch 1/", sample_every: float = THROUGHPUT_SAMPLE_S) -> dict:
     """Run a command, timing it from its start; the time the marker line first appears; peak memory.
 
     sample_every: one PSS sample of a Ray process tree costs ~85 ms of CPU here (the kernel walks
-    every mapped page, object store included): every 0.5 s that is ~8 % of a 2-core box, so runs
-    that measure throughput sample rarely."""
+    every mapped page, object store included): every 0.5 s that is ~8 % of a 2-core box, so only
+    the runs that measure memory sample often."""
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = MemorySampler(proc.pid, every=sample_every)
@@ -262,7 +263,7 @@ print("INGEST " + json.dumps({"rates": rates, "images": n}))
 def ray_ingest(data: str, batch: int, epochs: int, mode: str) -> dict:
     """Ray Data's images/s to a no-compute consumer: epoch 1 includes reading + decoding."""
     r = run_command([PY, "-c", INGEST_SCRIPT, data, str(batch), str(epochs), mode], marker="INGEST",
-                    sample_every=THROUGHPUT_SAMPLE_S if mode == "cache" else 0.5)
+                    sample_every=MEMORY_SAMPLE_S if mode == "stream" else THROUGHPUT_SAMPLE_S)
     out = json.loads(r["output"].rsplit("INGEST ", 1)[1].splitlines()[0])
     return {**out, "peak_pss_mb": r["peak_pss_mb"], "peak_shm_mb": r["peak_shm_mb"], "wall_s": r["wall_s"]}
 
@@ -271,8 +272,7 @@ def pipeline_run(data: str, workers: int, epochs: int, storage: str, extra: list
     """`finetune train` as a user runs it; throughput from its own per-epoch metrics."""
     name = f"bench-w{workers}-{int(time.time())}"
     r = run_command([PY, "-m", "pipeline.cli", "train", "--data", data, "--workers", str(workers), "--epochs",
-                     str(epochs), "--storage", storage, "--name", name, "--data.preview_images", "0", *extra],
-                    sample_every=THROUGHPUT_SAMPLE_S)
+                     str(epochs), "--storage", storage, "--name", name, "--data.preview_images", "0", *extra])
     with open(os.path.join(storage, name, "metrics.json")) as fh:
         history = json.load(fh)
     rates = [h["examples_per_sec"] for h in history]
@@ -288,11 +288,10 @@ def pipeline_run(data: str, workers: int, epochs: int, storage: str, extra: list
 
 def tune_overhead(data: str, storage: str, trials: int, extra: list[str]) -> dict:
     one = run_command([PY, "-m", "pipeline.cli", "train", "--data", data, "--epochs", "1", "--storage", storage,
-                       "--name", f"bench-one-{int(time.time())}", "--data.preview_images", "0", *extra],
-                      sample_every=THROUGHPUT_SAMPLE_S)
+                       "--name", f"bench-one-{int(time.time())}", "--data.preview_images", "0", *extra])
     search = run_command([PY, "-m", "pipeline.cli", "tune", "--data", data, "--epochs", "1", "--storage", storage,
                           "--name", f"bench-tune-{int(time.time())}", "--num-samples", str(trials), *extra],
-                         marker="best trial", sample_every=THROUGHPUT_SAMPLE_S)
+                         marker="best trial")
     return {"one_trial_s": one["wall_s"], "search_s": search["wall_s"], "trials": trials,
             "ratio_to_sequential": search["wall_s"] / (trials * one["wall_s"])}
 

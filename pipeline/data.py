@@ -198,9 +198,7 @@ def decode_split(index: ImageFolderIndex, split: str, preset: ImagePreset, *, ce
     are sorted by class, and per-epoch shuffling only reorders blocks and rows nearby)."""
     items = _split_items(index, split, shuffle_seed)
     fs, _ = storage.resolve(index.root)
-    good = _items_dataset(items).map_batches(_decode_batch, batch_size=ROWS_PER_BLOCK, batch_format="numpy",
-                                             fn_kwargs={"filesystem": fs, "preset": preset,
-                                                        "center_crop": center_crop}).materialize()
+    good = _decoded(items, fs, preset, center_crop).materialize()
     n_bad = len(items) - good.count()  # count() of a materialized dataset reads only block metadata
     bad_files: list[str] = []
     if n_bad:
