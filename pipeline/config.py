@@ -61,6 +61,9 @@ class DataConfig:
                             "('always'; later epochs skip reading and decoding), stream read + decode every "
                             "epoch ('never'; memory stays flat whatever the dataset size), or 'auto': cache "
                             "while the copies fit half the object store.")
+    crop_min_scale: float = _f(0.08, "Smallest area RandomResizedCrop draws, as a fraction of the image (the "
+                               "seed's and torchvision's 0.08). Larger keeps more of the object in every crop: "
+                               "on small datasets of whole objects (a hot dog filling the photo) it helps.")
     preview_images: int = _f(8, "Augmented training images drawn into preview.png (0 = none).")
 
 
@@ -143,6 +146,7 @@ class SearchConfig:
     lr_max: float = _f(1e-1, "Upper end of the learning-rate range.")
     max_freeze_depth: int = _f(-1, "Freeze depths searched: 0..this (-1: every stage, up to a linear probe).")
     head_lr_mults: list = _f([10.0], "Head LR multipliers to choose from (one value: not searched).")
+    crop_min_scales: list = _f([], "data.crop_min_scale values to choose from (empty: not searched).")
     val_fraction: float = _f(0.15, "Stratified validation split carved from train; trials report and are "
                              "selected on it, the test set is used once for the best trial.")
     grace_period: int = _f(1, "ASHA: epochs every trial runs before it can be stopped.")
@@ -161,6 +165,9 @@ class ExperimentConfig:
     seeds: int = _f(3, "Seeds per row (0..seeds-1): each trained row runs once per seed.", flag="--seeds")
     rows: str = _f(",".join(EXPERIMENT_ROWS), f"Comma-separated rows of the table, from: "
                    f"{', '.join(EXPERIMENT_ROWS)}.", flag="--rows")
+    tuned_recipe: dict = _f({}, "Config changes for the Tune-selected row only, its search and its training "
+                            "(sections as in this file, e.g. {optim: {epochs: 15, schedule: cosine}}): Tune "
+                            "picks lr and freeze depth for this recipe. Empty: the base recipe, as the other rows.")
 
 
 @dataclass
@@ -242,8 +249,13 @@ def coerce(name: str, value: Any, typ: type) -> Any:
                 raise ValueError
             return float(value)
         if typ is list:
-            items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+            items = value if isinstance(value, (list, tuple)) else [x for x in str(value).split(",") if x.strip()]
             return [float(x) for x in items]
+        if typ is dict:
+            value = yaml.safe_load(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(name, value, f"expected {typ.__name__}") from None
@@ -264,6 +276,13 @@ def apply_dict(cfg: Config, d: dict, source: str = "config") -> None:
             if key not in known:
                 raise ConfigError(f"{sec_name}.{key}", value, f"unknown field; valid: {', '.join(known)}")
             setattr(sec, key, coerce(f"{sec_name}.{key}", value, _leaf_type(sec, known[key])))
+
+
+def with_changes(cfg: Config, changes: dict) -> Config:
+    """A copy of cfg with a nested {section: {field: value}} mapping applied (cfg is unchanged)."""
+    out = Config.from_dict(cfg.to_dict())
+    apply_dict(out, changes)
+    return out
 
 
 def load_yaml(path: str) -> dict:
@@ -294,6 +313,7 @@ def validate(cfg: Config) -> Config:
            f"must be >= data.image_size ({d.image_size})")
     _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1]")
     _check(d.cache_decoded in CACHE_MODES, "data.cache_decoded", d.cache_decoded, f"valid: {', '.join(CACHE_MODES)}")
+    _check(0 < d.crop_min_scale <= 1, "data.crop_min_scale", d.crop_min_scale, "must be in (0, 1]")
     _check(0 <= d.preview_images <= 64, "data.preview_images", d.preview_images, "must be in 0..64")
     _check(m.arch in ARCHS, "model.arch", m.arch, f"valid: {', '.join(ARCHS)}")
     if m.weights not in ("imagenet", "none") and not m.weights.startswith("s3://"):
@@ -341,6 +361,8 @@ def validate(cfg: Config) -> Config:
     _check(t.max_freeze_depth >= -1, "tune.max_freeze_depth", t.max_freeze_depth, "must be >= -1")
     _check(bool(t.head_lr_mults) and all(x > 0 for x in t.head_lr_mults), "tune.head_lr_mults",
            t.head_lr_mults, "must be one or more positive numbers")
+    _check(all(0 < x <= 1 for x in t.crop_min_scales), "tune.crop_min_scales", t.crop_min_scales,
+           "every value must be in (0, 1]")
     _check(0 < t.val_fraction < 0.9, "tune.val_fraction", t.val_fraction, "must be in (0, 0.9)")
     _check(t.grace_period >= 1, "tune.grace_period", t.grace_period, "must be >= 1")
     _check(t.reduction_factor >= 2, "tune.reduction_factor", t.reduction_factor, "must be >= 2")
@@ -355,6 +377,13 @@ def validate(cfg: Config) -> Config:
     bad_rows = [x for x in e.rows.split(",") if x.strip() not in EXPERIMENT_ROWS]
     _check(bool(e.rows.strip()) and not bad_rows, "experiment.rows", e.rows,
            f"valid rows: {', '.join(EXPERIMENT_ROWS)}")
+    _check(not ({"experiment", "run"} & set(e.tuned_recipe)), "experiment.tuned_recipe", e.tuned_recipe,
+           "may change every section but experiment and run")
+    if e.tuned_recipe:
+        try:
+            validate(with_changes(Config.from_dict({**cfg.to_dict(), "experiment": {}}), e.tuned_recipe))
+        except ConfigError as err:  # named as the recipe's own field
+            raise ConfigError(f"experiment.tuned_recipe.{err.field_name}", err.value, err.allowed) from None
     _check(r.keep_checkpoints >= 1, "run.keep_checkpoints", r.keep_checkpoints, "must be >= 1")
     return cfg
 
@@ -403,7 +432,7 @@ def reference_markdown() -> str:
     rows = ["| field | flag | default | meaning |", "| --- | --- | --- | --- |"]
     for name, _, f in iter_fields(Config()):
         flag = f.metadata.get("flag", "")
-        default = f.default if f.default is not dataclasses.MISSING else ""
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         rows.append(f"| `{name}` | {f'`{flag}`' if flag else ''} | `{default!r}` | {f.metadata['help']} |")
     return "\n".join(rows)
 

@@ -6,7 +6,8 @@ so nothing is selected on test):
   linear_probe    every backbone stage frozen, only the new head trains
   finetune        the recipe: backbone at lr, new Xavier head at lr x head_lr_mult
   finetune_reuse  the same, with matched classes' head rows starting from the source classifier
-  finetune_tuned  finetune_reuse with lr and freeze depth from a Tune search on a validation split
+  finetune_tuned  finetune_reuse with experiment.tuned_recipe applied, and lr, freeze depth (and the
+                  crop scale, when tune.crop_min_scales lists some) from a Tune search on a validation split
   scratch         the same network from random init, one parameter group, the scratch lr
 """
 
@@ -20,7 +21,7 @@ import time
 import numpy as np
 
 from pipeline import plots, storage
-from pipeline.config import Config
+from pipeline.config import Config, with_changes
 from pipeline.model import STAGES
 from pipeline.runner import Prepared, begin, make_trainer, prepare, run_name
 from pipeline.zeroshot import zero_shot_accuracy
@@ -46,9 +47,10 @@ def row_config(cfg: Config, row: str, seed: int, tuned: dict | None = None) -> C
     if row == "linear_probe":
         c.model.freeze_depth = len(STAGES[c.model.arch])
     elif row == "finetune_tuned":
-        assert tuned is not None
-        c.optim.lr, c.model.freeze_depth = tuned["lr"], tuned["freeze_depth"]
-        c.optim.head_lr_mult = tuned["head_lr_mult"]
+        c = with_changes(c, cfg.experiment.tuned_recipe)
+        if tuned is not None:  # None: the config its search starts from
+            c.optim.lr, c.model.freeze_depth = tuned["lr"], tuned["freeze_depth"]
+            c.optim.head_lr_mult, c.data.crop_min_scale = tuned["head_lr_mult"], tuned["crop_min_scale"]
     elif row == "scratch":
         c.model.weights, c.model.freeze_bn, c.model.freeze_depth = "none", False, 0
         c.optim.lr = c.optim.head_lr_mult = None  # the scratch defaults: one group at the scratch lr
@@ -106,14 +108,15 @@ def run_experiment(cfg: Config) -> dict:
         if row == "finetune_tuned":
             from pipeline.search import run_search
 
-            search_cfg = row_config(cfg, "finetune_reuse", seeds[0])
+            search_cfg = row_config(cfg, "finetune_tuned", seeds[0])
             search_cfg.run.storage, search_cfg.run.name = exp_dir, "tune"
             search_cfg.tune.retrain = False
             summary = run_search(search_cfg, test_once=False)
-            tuned = {k: summary["best"][k] for k in ("lr", "freeze_depth", "head_lr_mult")}
-            extra = {"tuned": tuned, "search_val_acc": summary["best"]["val_acc"],
+            tuned = {k: summary["best"][k] for k in ("lr", "freeze_depth", "head_lr_mult", "crop_min_scale")}
+            extra = {"tuned": tuned, "recipe": cfg.experiment.tuned_recipe, "search_val_acc": summary["best"]["val_acc"],
                      "search_wall_s": summary["wall_time_s"]}
-            print(f"{row}: Tune selected lr {tuned['lr']:.3g}, freeze depth {tuned['freeze_depth']} "
+            print(f"{row}: Tune selected lr {tuned['lr']:.3g}, freeze depth {tuned['freeze_depth']}, "
+                  f"crop scale {tuned['crop_min_scale']:g}-1 "
                   f"(val acc {summary['best']['val_acc']:.3f}); training it on the full train split", flush=True)
         row_prep = dataclasses.replace(prep, source_ref=None) if row == "scratch" else prep
         runs = []
@@ -138,6 +141,14 @@ def run_experiment(cfg: Config) -> dict:
     return results
 
 
+def _flat(changes: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """{optim: {epochs: 15}} -> [("optim.epochs", 15)]."""
+    out = []
+    for k, v in changes.items():
+        out += _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+    return out
+
+
 def format_table(results: dict) -> str:
     """The markdown table: final-epoch test accuracy, mean +- std over seeds."""
     zero = (results.get("zero_shot") or {}).get("test_acc")
@@ -152,7 +163,11 @@ def format_table(results: dict) -> str:
         beats = f"{sum(x['test_acc'] > zero for x in r['runs'])}/{len(r['runs'])}" if zero is not None else "-"
         wall = f"{r['wall_s_mean']:.0f} s" + (f" (+ {r['search_wall_s']:.0f} s search)" if "search_wall_s" in r else "")
         if "tuned" in r:
-            title += f" (lr {r['tuned']['lr']:.2g}, freeze {r['tuned']['freeze_depth']})"
+            t = r["tuned"]
+            title += f" (lr {t['lr']:.2g}, freeze {t['freeze_depth']}" + (
+                f", crop scale {t['crop_min_scale']:g}" if "crop_min_scale" in t else "") + ")"
+            if r.get("recipe"):
+                title += "; recipe " + ", ".join(f"{k}={v}" for k, v in _flat(r["recipe"]))
         lines.append(f"| {title} | {r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f} | {seeds} | "
                      f"{r['epoch1_acc_mean']:.3f} ± {r['epoch1_acc_std']:.3f} | "
                      f"{', '.join(map(str, r['best_epochs']))} | {wall} | {beats} |")

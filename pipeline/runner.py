@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,7 +158,7 @@ def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) ->
     if val_fraction:
         index = data.stratified_split(index, val_fraction, seed=cfg.optim.seed)
     source = load_source_weights(cfg.model, progress=sys.stderr.isatty())
-    preset = ImagePreset(cfg.data.image_size, cfg.data.resize_size)
+    preset = ImagePreset(cfg.data.image_size, cfg.data.resize_size, scale=(cfg.data.crop_min_scale, 1.0))
     need = sum(data.decoded_bytes(len(f), preset, split != "train") for split, f in index.files.items())
     store = ray.cluster_resources().get("object_store_memory", 0)
     cache = cfg.data.cache_decoded == "always" or (cfg.data.cache_decoded == "auto" and need <= store / 2)
@@ -199,7 +200,9 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
                  callbacks=None) -> TorchTrainer:
     """A TorchTrainer for cfg over the prepared data, evaluating on eval_split ('test' or 'val')."""
     train = prep.splits["train"]
-    datasets = {"train": data.train_stream(train, prep.preset, prep.res.data_task_cpus)}
+    # The crop scale may differ per run (a Tune trial's choice); the decoded copy does not depend on it.
+    augment = dataclasses.replace(prep.preset, scale=(cfg.data.crop_min_scale, 1.0))
+    datasets = {"train": data.train_stream(train, augment, prep.res.data_task_cpus)}
     for rank, shard in enumerate(data.split_for_ranks(prep.splits[eval_split], cfg.scaling.workers)):
         datasets[f"eval_{rank}"] = shard
     meta = {"classes": prep.classes, "mean": list(prep.source.mean), "std": list(prep.source.std),

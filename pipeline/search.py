@@ -33,6 +33,8 @@ def search_space(cfg: Config) -> dict:
     depth = len(STAGES[cfg.model.arch]) if t.max_freeze_depth < 0 else t.max_freeze_depth
     space = {"lr": tune.loguniform(t.lr_min, t.lr_max), "freeze_depth": tune.randint(0, depth + 1)}
     space["head_lr_mult"] = tune.choice(t.head_lr_mults) if len(t.head_lr_mults) > 1 else t.head_lr_mults[0]
+    if t.crop_min_scales:
+        space["crop_min_scale"] = tune.choice(t.crop_min_scales)
     return space
 
 
@@ -50,6 +52,7 @@ def trial_config(base: dict, params: dict) -> Config:
     cfg = Config.from_dict(base)
     cfg.optim.lr, cfg.model.freeze_depth = float(params["lr"]), int(params["freeze_depth"])
     cfg.optim.head_lr_mult = float(params["head_lr_mult"])
+    cfg.data.crop_min_scale = float(params.get("crop_min_scale", cfg.data.crop_min_scale))
     cfg.scaling.workers = cfg.tune.workers_per_trial
     return cfg
 
@@ -149,6 +152,7 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
         trials.append({"trial": r.metrics.get("trial_id", r.path.rstrip("/").rsplit("/", 1)[-1]),
                        "lr": r.config["lr"],
                        "freeze_depth": r.config["freeze_depth"], "head_lr_mult": r.config["head_lr_mult"],
+                       "crop_min_scale": r.config.get("crop_min_scale", cfg.data.crop_min_scale),
                        "epochs": len(accs), "best_val_acc": max(accs) if accs else None,
                        "val_acc_curve": accs, "stopped_early": 0 < len(accs) < cfg.optim.epochs,
                        "error": str(r.error) if r.error else ""})
@@ -164,7 +168,8 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
         "experiment": exp_dir, "metric": METRIC, "classes": prep.classes,
         "best": {"trial": best_trial["trial"], "config": trial_config(cfg.to_dict(), best_trial).to_dict(),
                  "lr": best_trial["lr"], "freeze_depth": best_trial["freeze_depth"],
-                 "head_lr_mult": best_trial["head_lr_mult"], "val_acc": best_metrics[METRIC],
+                 "head_lr_mult": best_trial["head_lr_mult"], "crop_min_scale": best_trial["crop_min_scale"],
+                 "val_acc": best_metrics[METRIC],
                  "epoch": best_metrics["epoch"], "test_acc": test["accuracy"], "test_images": test["images"],
                  "test_confusion": test["confusion"], "checkpoint": s3_uri(cfg.run.storage, best_ckpt.path)},
         "trials": trials, "wall_time_s": time.perf_counter() - t_start,
@@ -187,6 +192,7 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     tested = (f"test acc of its best checkpoint: {b['test_acc']:.3f} on {b['test_images']} images "
               f"(test used once, after the search)" if test_once else "test set not read")
     print(f"best trial {b['trial']}: lr {b['lr']:.3g}  freeze depth {b['freeze_depth']}  head x{b['head_lr_mult']:g}"
+          f"  crop scale {b['crop_min_scale']:g}-1"
           f"  val acc {b['val_acc']:.3f} (epoch {b['epoch']})\n{tested}\n"
           f"checkpoint: {b['checkpoint']}\nsummary: {storage.join(exp_dir, 'best.json')}\n"
           f"wall time {summary['wall_time_s']:.1f} s", flush=True)
@@ -194,10 +200,11 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
 
 
 def format_trials(trials: list[dict]) -> str:
-    lines = [f"{'trial':<34} {'lr':>9} {'freeze':>6} {'head x':>6} {'epochs':>6} {'best val':>8}  status"]
+    lines = [f"{'trial':<34} {'lr':>9} {'freeze':>6} {'head x':>6} {'crop':>5} {'epochs':>6} {'best val':>8}  status"]
     for t in trials:
         acc = f"{t['best_val_acc']:.3f}" if t["best_val_acc"] is not None else "-"
+        crop = f"{t['crop_min_scale']:g}" if "crop_min_scale" in t else "-"  # searches saved before the field
         status = "error" if t["error"] else ("stopped by ASHA" if t["stopped_early"] else "completed")
         lines.append(f"{t['trial'][:34]:<34} {t['lr']:>9.2e} {t['freeze_depth']:>6} {t['head_lr_mult']:>6g} "
-                     f"{t['epochs']:>6} {acc:>8}  {status}")
+                     f"{crop:>5} {t['epochs']:>6} {acc:>8}  {status}")
     return "\n".join(lines)

@@ -107,8 +107,37 @@ def test_row_configs_change_only_what_the_row_says():
     scratch = row_config(base, "scratch", 0)
     assert (scratch.model.weights, scratch.model.freeze_bn, scratch.head_lr_mult) == ("none", False, 1.0)
     assert scratch.lr != base.lr
-    tuned = row_config(base, "finetune_tuned", 1, {"lr": 0.02, "freeze_depth": 3, "head_lr_mult": 10.0})
-    assert (tuned.lr, tuned.model.freeze_depth) == (0.02, 3)
+    tuned = row_config(base, "finetune_tuned", 1, {"lr": 0.02, "freeze_depth": 3, "head_lr_mult": 10.0,
+                                                   "crop_min_scale": 0.5})
+    assert (tuned.lr, tuned.model.freeze_depth, tuned.data.crop_min_scale) == (0.02, 3, 0.5)
+
+
+def test_tuned_recipe_applies_to_the_tuned_row_only():
+    base = Config()
+    base.experiment.tuned_recipe = {"optim": {"epochs": 15, "schedule": "cosine"}, "data": {"batch_size": 32}}
+    validate(base)
+    search_start = row_config(base, "finetune_tuned", 0)  # what the search starts from
+    assert (search_start.optim.epochs, search_start.optim.schedule, search_start.data.batch_size) == (15, "cosine", 32)
+    assert search_start.model.reuse_classifier and search_start.optim.lr is None
+    tuned = row_config(base, "finetune_tuned", 2, {"lr": 1e-4, "freeze_depth": 2, "head_lr_mult": 10.0,
+                                                   "crop_min_scale": 0.25})
+    assert (tuned.optim.epochs, tuned.data.batch_size, tuned.lr, tuned.optim.seed) == (15, 32, 1e-4, 2)
+    for row in ("linear_probe", "finetune", "finetune_reuse", "scratch"):
+        c = row_config(base, row, 0)
+        assert (c.optim.epochs, c.optim.schedule, c.data.batch_size) == (5, "constant", 128)
+
+
+@pytest.mark.parametrize("recipe, needle", [
+    ({"optim": {"epochz": 15}}, "experiment.tuned_recipe.optim.epochz = 15: unknown field; valid: epochs"),
+    ({"optim": {"epochs": 0}}, "experiment.tuned_recipe.optim.epochs = 0: must be in 1..10000"),
+    ({"run": {"name": "x"}}, "experiment.tuned_recipe = {'run': {'name': 'x'}}: may change every section but"),
+])
+def test_tuned_recipe_validated_with_the_field_named(recipe, needle):
+    cfg = Config()
+    cfg.experiment.tuned_recipe = recipe
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert needle in str(e.value)
 
 
 def test_experiment_rows_validated():

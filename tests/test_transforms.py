@@ -109,3 +109,12 @@ def test_normalizer_matches_torchvision_and_is_channels_last():
     ref = T.Normalize(mean, std)(x.permute(0, 3, 1, 2).float() / 255)
     assert torch.allclose(out, ref, atol=1e-5)
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_crop_min_scale_bounds_the_crop_area():
+    rng = np.random.default_rng(0)
+    mild = ImagePreset(image_size=56, resize_size=64, scale=(0.5, 1.0))
+    areas = [ch * cw / (64 * 96) for _, _, ch, cw in (mild.crop_box(64, 96, rng) for _ in range(200))]
+    assert min(areas) >= 0.49  # rounding of the box sides only
+    seed = [ch * cw / (64 * 96) for _, _, ch, cw in (PRESET.crop_box(64, 96, rng) for _ in range(200))]
+    assert min(seed) < 0.3

@@ -19,6 +19,7 @@ def search(ray_local, s3, tiny_dataset, source_weights):
     cfg = config_from_args(build_parser().parse_args(
         ["tune", "--data", tiny_dataset, "--weights", source_weights, "--epochs", "3", "--num-samples", "4",
          "--tune.lr_min", "1e-5", "--tune.lr_max", "3e-3", "--tune.max_freeze_depth", "3", "--tune.retrain",
+         "--tune.crop_min_scales", "0.25,0.5",
          "--storage", "s3://runs/tune", "--name", "search", *SMALL]))
     return cfg, run_search(cfg)
 
@@ -41,6 +42,8 @@ def test_search_selects_on_validation_and_uses_test_once(search, tiny_dataset):
     assert best["val_acc"] == max(t["best_val_acc"] for t in trials)
     assert best["test_images"] == 24 and 0 <= best["test_acc"] <= 1
     assert best["config"]["optim"]["lr"] == best["lr"]
+    assert all(t["crop_min_scale"] in (0.25, 0.5) for t in trials)
+    assert best["config"]["data"]["crop_min_scale"] == best["crop_min_scale"]
     assert best["checkpoint"].startswith("s3://runs/tune/search/trials/")
     saved = json.loads(storage.read_bytes("s3://runs/tune/search/best.json"))
     assert saved["best"] == best
