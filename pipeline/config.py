@@ -64,6 +64,9 @@ class DataConfig:
     crop_min_scale: float = _f(0.08, "Smallest area RandomResizedCrop draws, as a fraction of the image (the "
                                "seed's and torchvision's 0.08). Larger keeps more of the object in every crop: "
                                "on small datasets of whole objects (a hot dog filling the photo) it helps.")
+    eval_flip: bool = _f(False, "Test-time augmentation: score each eval image by the mean of its own and its "
+                         "mirror image's class probabilities (training flips, so both views are in-distribution; "
+                         "one more forward pass per eval image). Off: the seed's single center crop.")
     preview_images: int = _f(8, "Augmented training images drawn into preview.png (0 = none).")
 
 

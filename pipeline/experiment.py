@@ -89,7 +89,7 @@ def run_experiment(cfg: Config) -> dict:
                      "weights": cfg.model.weights, "seeds": seeds, "classes": prep.classes,
                      "reuse_rows": {prep.classes[t]: s for t, s in prep.reuse_rows.items()},
                      "config": cfg.to_dict(), "rows": {}}
-    zero = zero_shot_accuracy(prep, cfg.model.arch)
+    zero = zero_shot_accuracy(prep, cfg.model.arch, mirror=cfg.data.eval_flip)
     if zero:
         print(f"zero-shot baseline (source classifier, no training): test acc {zero['test_acc']:.3f} "
               f"on {zero['test_images']} images", flush=True)

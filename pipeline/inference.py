@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.model import build_model
+from pipeline.model import build_model, class_probabilities
 from pipeline.normalize import Normalizer
 from pipeline.train_loop import load_checkpoint, use_bf16
 from pipeline.transforms import ImagePreset
@@ -27,6 +27,7 @@ class Classifier:
         self.preset = ImagePreset(data["image_size"], data["resize_size"])
         self.normalize = Normalizer(state["mean"], state["std"], scaling["channels_last"]).to(self.device)
         self.bf16 = use_bf16(scaling["precision"], self.device)
+        self.mirror = bool(data.get("eval_flip", False))  # as the run evaluated (older checkpoints: no flip)
         if scaling["channels_last"]:
             self.model.to(memory_format=torch.channels_last)
 
@@ -34,9 +35,7 @@ class Classifier:
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 NHWC eval-cropped images -> class probabilities (N, C)."""
         x = self.normalize(torch.as_tensor(images, device=self.device))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.model(x)
-        return torch.softmax(logits.float(), 1).cpu().numpy()
+        return class_probabilities(self.model, x, mirror=self.mirror, bf16=self.bf16).cpu().numpy()
 
     def prepare(self, encoded: bytes) -> np.ndarray:
         return self.preset.eval(self.preset.decode(encoded))

@@ -224,6 +224,15 @@ def build_for_config(cfg, num_classes: int, source: SourceWeights | None = None,
     return model
 
 
+def class_probabilities(model: nn.Module, x: torch.Tensor, *, mirror: bool = False, bf16: bool = False) -> torch.Tensor:
+    """Softmax of a normalized NCHW batch (fp32), averaged with the mirrored batch's when mirror is set."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        probs = torch.softmax(model(x).float(), 1)
+        if mirror:
+            probs = (probs + torch.softmax(model(x.flip(3)).float(), 1)) / 2
+    return probs
+
+
 def make_optimizer(model: nn.Module, cfg) -> torch.optim.SGD:
     """SGD over param_groups with the config's derived lr, head multiplier, momentum and decay."""
     return torch.optim.SGD(param_groups(model, cfg.model.arch, cfg.lr, cfg.head_lr_mult), lr=cfg.lr,

@@ -17,7 +17,8 @@ import yaml
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.model import SourceWeights, build_for_config, make_optimizer, make_scheduler, set_train_mode
+from pipeline.model import (SourceWeights, build_for_config, class_probabilities, make_optimizer, make_scheduler,
+                            set_train_mode)
 from pipeline.normalize import Normalizer
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -160,10 +161,10 @@ class EpochRunner:
         stats = torch.zeros(2, dtype=torch.float64, device=self.device)  # correct, count
         if shard is not None:
             for batch in self._batches(shard):
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    logits = self.model(self.normalize(batch["image"]))
+                probs = class_probabilities(self.model, self.normalize(batch["image"]),
+                                            mirror=self.cfg.data.eval_flip, bf16=self.bf16)
                 y = batch["label"]
-                stats += torch.stack([(logits.argmax(1) == y).sum().double(),
+                stats += torch.stack([(probs.argmax(1) == y).sum().double(),
                                       torch.tensor(y.numel(), dtype=torch.float64, device=self.device)])
         correct, count = _all_reduce(stats).tolist()
         return {f"{split}_acc": correct / max(count, 1), f"{split}_images": int(count)}

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torchvision
 
+from pipeline.model import class_probabilities
 from pipeline.normalize import Normalizer
 
 CALIBRATION_IMAGES = 512  # enough to place one threshold; keeps the driver's CPU pass short
@@ -36,9 +37,11 @@ def zero_shot_predict(source_logits: np.ndarray, rows: dict[int, int], num_class
 
 
 @torch.inference_mode()
-def source_logits(source, arch: str, dataset, preset=None, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def source_logits(source, arch: str, dataset, preset=None, limit: int | None = None,
+                  mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(logits, labels) of the unchanged source network on a decoded split (fp32, on the driver).
-    preset: center-crop the images first (the uncropped training copy)."""
+    preset: center-crop the images first (the uncropped training copy). mirror: log of the mean
+    of the image's and its mirror's probabilities instead (data.eval_flip; same argmax rule)."""
     model = torchvision.models.get_model(arch, weights=None)
     model.load_state_dict(source.state_dict)
     model.eval()
@@ -49,16 +52,17 @@ def source_logits(source, arch: str, dataset, preset=None, limit: int | None = N
         images = batch["image"]
         if preset is not None:
             images = np.stack([preset.eval(img) for img in images])
-        logits.append(model(normalize(torch.as_tensor(np.asarray(images)))).numpy())
+        x = normalize(torch.as_tensor(np.asarray(images)))
+        logits.append((class_probabilities(model, x, mirror=True).log() if mirror else model(x)).numpy())
         labels.append(batch["label"])
     return np.concatenate(logits), np.concatenate(labels)
 
 
-def zero_shot_accuracy(prep, arch: str, split: str = "test") -> dict | None:
+def zero_shot_accuracy(prep, arch: str, split: str = "test", mirror: bool = False) -> dict | None:
     """The source network's accuracy on a split through zero_shot_predict; None when it has no rule."""
     if prep.source.state_dict is None:
         return None
-    logits, labels = source_logits(prep.source, arch, prep.splits[split].dataset)
+    logits, labels = source_logits(prep.source, arch, prep.splits[split].dataset, mirror=mirror)
     pred = zero_shot_predict(logits, prep.reuse_rows, len(prep.classes))
     if pred is None:
         return None

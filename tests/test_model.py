@@ -155,3 +155,17 @@ def test_frozen_stages_do_not_change_in_training():
     for k in before:
         frozen = k.startswith(("conv1.", "bn1.", "layer1."))
         assert torch.equal(before[k], after[k]) == frozen or k.endswith("num_batches_tracked"), k
+
+
+def test_class_probabilities_with_mirror_average_the_two_views():
+    from pipeline.model import class_probabilities
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.randn(5, 3, 8, 8)
+    plain = class_probabilities(net, x)
+    assert torch.allclose(plain, torch.softmax(net(x), 1))
+    both = class_probabilities(net, x, mirror=True)
+    assert torch.allclose(both, (torch.softmax(net(x), 1) + torch.softmax(net(x.flip(3)), 1)) / 2)
+    assert not torch.allclose(both, plain)  # this net is not mirror-invariant, so the views differ
+    assert torch.allclose(both.sum(1), torch.ones(5))

@@ -24,7 +24,7 @@ def two_worker_run(ray_local, tiny_dataset, source_weights, tmp_path_factory):
     storage = str(tmp_path_factory.mktemp("runs"))
     cfg = config_from_args(build_parser().parse_args(
         ["train", "--data", tiny_dataset, "--workers", "2", "--epochs", "3", "--storage", storage,
-         "--name", "e2e", "--weights", source_weights, *TINY]))
+         "--name", "e2e", "--weights", source_weights, "--data.eval_flip", *TINY]))
     return cfg, run_training(cfg)
 
 
@@ -53,6 +53,7 @@ def test_checkpoint_holds_config_and_reproduces_reported_accuracy(two_worker_run
     assert state["config"] == cfg.to_dict() and state["classes"] == ["hotdog", "not-hotdog"]
     assert set(state) >= {"model", "optimizer", "scheduler", "epoch", "history", "mean", "std"}
     clf = Classifier(out.best_checkpoint)
+    assert clf.mirror  # evaluates as the run did: data.eval_flip
     index = data.scan_image_folder(tiny_dataset)
     images, labels = [], []
     for path, label in index.files["test"]:
