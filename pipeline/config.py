@@ -55,6 +55,9 @@ class DataConfig:
     image_size: int = _f(224, "Crop size fed to the network (RandomResizedCrop / CenterCrop).")
     resize_size: int = _f(256, "Eval resize of the shorter side before CenterCrop; also the shorter side "
                           "of the decoded copy kept for training crops.")
+    eval_crop_size: int = _f(0, "CenterCrop size for evaluation and prediction (0 = image_size, the seed's). Up to "
+                             "resize_size: a larger test crop shows more of each photo, and a network trained on "
+                             "RandomResizedCrop often scores higher on it (FixRes, Touvron et al. 2019).")
     max_bad_fraction: float = _f(0.05, "Stop before training when more than this fraction of images "
                                  "cannot be decoded (fewer are skipped and counted).")
     cache_decoded: str = _f("auto", "Keep the decoded uint8 copy of each split in Ray's object store "
@@ -159,6 +162,9 @@ class SearchConfig:
     retrain: bool = _f(False, "After the search, train the best config once more on train + validation "
                        "(the final model; its last epoch's test accuracy is reported).")
 
+
+# What experiment.tuned_recipe may change in the sections that decide the shared data and weights.
+RECIPE_LIMITS = {"data": {"batch_size", "crop_min_scale", "eval_flip"}, "model": {"freeze_depth"}}
 
 EXPERIMENT_ROWS = ("zero_shot", "linear_probe", "finetune", "finetune_reuse", "finetune_tuned", "scratch")
 
@@ -314,6 +320,8 @@ def validate(cfg: Config) -> Config:
     _check(16 <= d.image_size <= 1024, "data.image_size", d.image_size, "must be in 16..1024")
     _check(d.resize_size >= d.image_size, "data.resize_size", d.resize_size,
            f"must be >= data.image_size ({d.image_size})")
+    _check(d.eval_crop_size == 0 or 16 <= d.eval_crop_size <= d.resize_size, "data.eval_crop_size", d.eval_crop_size,
+           f"must be 0 (= image_size) or in 16..data.resize_size ({d.resize_size})")
     _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1]")
     _check(d.cache_decoded in CACHE_MODES, "data.cache_decoded", d.cache_decoded, f"valid: {', '.join(CACHE_MODES)}")
     _check(0 < d.crop_min_scale <= 1, "data.crop_min_scale", d.crop_min_scale, "must be in (0, 1]")
@@ -387,6 +395,12 @@ def validate(cfg: Config) -> Config:
             validate(with_changes(Config.from_dict({**cfg.to_dict(), "experiment": {}}), e.tuned_recipe))
         except ConfigError as err:  # named as the recipe's own field
             raise ConfigError(f"experiment.tuned_recipe.{err.field_name}", err.value, err.allowed) from None
+        # Every row shares the splits decoded once and the source weights loaded once: the recipe
+        # may not change how those are made.
+        for sec, allowed in RECIPE_LIMITS.items():
+            _check(not set(e.tuned_recipe.get(sec) or {}) - allowed, f"experiment.tuned_recipe.{sec}",
+                   e.tuned_recipe.get(sec), f"may change only {', '.join(sorted(allowed))} (every row shares "
+                   "the decoded data and the source weights)")
     _check(r.keep_checkpoints >= 1, "run.keep_checkpoints", r.keep_checkpoints, "must be >= 1")
     return cfg
 

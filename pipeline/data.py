@@ -167,7 +167,7 @@ def _decoded(items: list, fs, preset: ImagePreset, center_crop: bool, task_cpus:
 
 def decoded_bytes(num_images: int, preset: ImagePreset, center_crop: bool) -> int:
     """Estimated object-store size of a decoded split (4:3 images, shorter side resize_size)."""
-    side = preset.image_size ** 2 if center_crop else preset.resize_size ** 2 * 4 // 3
+    side = preset.eval_size ** 2 if center_crop else preset.resize_size ** 2 * 4 // 3
     return num_images * side * 3
 
 

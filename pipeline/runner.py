@@ -158,7 +158,8 @@ def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) ->
     if val_fraction:
         index = data.stratified_split(index, val_fraction, seed=cfg.optim.seed)
     source = load_source_weights(cfg.model, progress=sys.stderr.isatty())
-    preset = ImagePreset(cfg.data.image_size, cfg.data.resize_size, scale=(cfg.data.crop_min_scale, 1.0))
+    preset = ImagePreset(cfg.data.image_size, cfg.data.resize_size, scale=(cfg.data.crop_min_scale, 1.0),
+                         eval_crop=cfg.data.eval_crop_size)
     need = sum(data.decoded_bytes(len(f), preset, split != "train") for split, f in index.files.items())
     store = ray.cluster_resources().get("object_store_memory", 0)
     cache = cfg.data.cache_decoded == "always" or (cfg.data.cache_decoded == "auto" and need <= store / 2)

@@ -50,6 +50,11 @@ class ImagePreset:
     resize_size: int = 256
     scale: tuple = (0.08, 1.0)
     ratio: tuple = (3 / 4, 4 / 3)
+    eval_crop: int = 0  # CenterCrop size for evaluation; 0 = image_size (the recipe)
+
+    @property
+    def eval_size(self) -> int:
+        return self.eval_crop or self.image_size
 
     def decode(self, data: bytes) -> np.ndarray:
         """Encoded bytes -> RGB uint8 HWC, EXIF orientation applied, shorter side = resize_size.
@@ -69,10 +74,10 @@ class ImagePreset:
         return np.asarray(img, dtype=np.uint8)
 
     def eval(self, img: np.ndarray) -> np.ndarray:
-        """Decoded (shorter side resize_size) -> CenterCrop(image_size)."""
-        h, w = img.shape[:2]
-        top, left = (h - self.image_size) // 2, (w - self.image_size) // 2
-        return np.ascontiguousarray(img[top:top + self.image_size, left:left + self.image_size])
+        """Decoded (shorter side resize_size) -> CenterCrop(eval_size)."""
+        h, w, size = *img.shape[:2], self.eval_size
+        top, left = (h - size) // 2, (w - size) // 2
+        return np.ascontiguousarray(img[top:top + size, left:left + size])
 
     def crop_box(self, h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         """torchvision's RandomResizedCrop.get_params, drawn from a numpy Generator."""

@@ -131,6 +131,10 @@ def test_tuned_recipe_applies_to_the_tuned_row_only():
     ({"optim": {"epochz": 15}}, "experiment.tuned_recipe.optim.epochz = 15: unknown field; valid: epochs"),
     ({"optim": {"epochs": 0}}, "experiment.tuned_recipe.optim.epochs = 0: must be in 1..10000"),
     ({"run": {"name": "x"}}, "experiment.tuned_recipe = {'run': {'name': 'x'}}: may change every section but"),
+    ({"data": {"resize_size": 288}}, "experiment.tuned_recipe.data = {'resize_size': 288}: may change only "
+                                     "batch_size, crop_min_scale, eval_flip"),
+    ({"model": {"arch": "resnet50"}}, "experiment.tuned_recipe.model = {'arch': 'resnet50'}: may change only "
+                                      "freeze_depth"),
 ])
 def test_tuned_recipe_validated_with_the_field_named(recipe, needle):
     cfg = Config()

@@ -118,3 +118,11 @@ def test_crop_min_scale_bounds_the_crop_area():
     assert min(areas) >= 0.49  # rounding of the box sides only
     seed = [ch * cw / (64 * 96) for _, _, ch, cw in (PRESET.crop_box(64, 96, rng) for _ in range(200))]
     assert min(seed) < 0.3
+
+
+def test_eval_crop_size_widens_the_center_crop():
+    img = np.arange(64 * 96 * 3, dtype=np.uint32).reshape(64, 96, 3).astype(np.uint8)
+    wide = ImagePreset(image_size=56, resize_size=64, eval_crop=64)
+    assert wide.eval(img).shape == (64, 64, 3) and PRESET.eval(img).shape == (56, 56, 3)
+    assert np.array_equal(wide.eval(img), img[:, 16:80])
+    assert np.array_equal(PRESET.eval(img), img[4:60, 20:76])
