@@ -23,7 +23,7 @@ import numpy as np
 from pipeline import plots, storage
 from pipeline.config import Config, with_changes
 from pipeline.model import STAGES
-from pipeline.runner import Prepared, begin, make_trainer, prepare, run_name
+from pipeline.runner import Prepared, begin, make_trainer, prepare, run_name, with_light_cpu_claim
 from pipeline.zeroshot import zero_shot_accuracy
 
 ROW_TITLES = {
@@ -82,7 +82,7 @@ def run_experiment(cfg: Config) -> dict:
     seeds = list(range(cfg.experiment.seeds))
     begin(cfg)
     print(f"experiment: {exp_dir}\nrows: {', '.join(rows)} | seeds {seeds}", flush=True)
-    prep = prepare(cfg)
+    prep = with_light_cpu_claim(prepare(cfg))  # rows and the search's trials run back to back
     fs, path = storage.resolve(cfg.run.storage)
     exp_path = f"{path}/{name}"
     results: dict = {"experiment": exp_dir, "dataset": cfg.data.path, "arch": cfg.model.arch,

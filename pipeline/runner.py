@@ -197,6 +197,20 @@ def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) ->
     return prep
 
 
+def with_light_cpu_claim(prep: Prepared) -> Prepared:
+    """On CPU-only clusters, workers claim 0.25 logical CPU each instead of their real share, for
+    callers that run many TorchTrainers back to back (a search, the experiment's rows).
+
+    A TorchTrainer's CPU claim can outlive it: its reservation with Ray Data's resource
+    coordinator lasts up to 180 s after it stops, and when Tune ends a trial's actor before its
+    controller has cleaned up, the placement group stays until Ray Train's PlacementGroupCleaner
+    removes it (which needs the dashboard's state API). With full claims the next trainer's data
+    tasks then find no CPU and wait. Threads still follow the real CPU share (res.torch_threads)."""
+    if prep.res.use_gpu:
+        return prep
+    return dataclasses.replace(prep, res=dataclasses.replace(prep.res, cpus_per_worker=0.25))
+
+
 def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, fs, eval_split: str = "test",
                  callbacks=None) -> TorchTrainer:
     """A TorchTrainer for cfg over the prepared data, evaluating on eval_split ('test' or 'val')."""

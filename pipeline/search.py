@@ -23,7 +23,7 @@ from ray.tune.search import BasicVariantGenerator
 from pipeline import data, plots, storage
 from pipeline.config import Config
 from pipeline.model import STAGES
-from pipeline.runner import Prepared, begin, make_trainer, prepare, run_name, s3_uri
+from pipeline.runner import Prepared, begin, make_trainer, prepare, run_name, s3_uri, with_light_cpu_claim
 
 METRIC = "val_acc"
 
@@ -113,12 +113,7 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     sizing = dataclasses.replace(cfg, scaling=dataclasses.replace(
         cfg.scaling, workers=cfg.tune.workers_per_trial * n_parallel))
     prep = prepare(sizing, val_fraction=cfg.tune.val_fraction)
-    if not prep.res.use_gpu:
-        # When Tune stops a trial, its TorchTrainer's CPU reservation with Ray Data's resource
-        # coordinator outlives it for up to 180 s, and Ray Data subtracts it from what the next
-        # trial's data pipeline may use. A small logical CPU claim per worker keeps that budget
-        # positive; threads still follow the real CPU share and concurrency is capped above.
-        prep = dataclasses.replace(prep, res=dataclasses.replace(prep.res, cpus_per_worker=0.25))
+    prep = with_light_cpu_claim(prep)  # concurrency is capped above, by the real CPUs
     print(f"search: {name}  {cfg.tune.num_samples} trials, {n_parallel} at a time, "
           f"{cfg.tune.workers_per_trial} worker(s) each, ASHA on {METRIC} (grace {cfg.tune.grace_period}, "
           f"reduction {cfg.tune.reduction_factor})\nexperiment: {exp_dir}", flush=True)

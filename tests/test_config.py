@@ -1,3 +1,5 @@
+import glob
+import os
 import subprocess
 import sys
 
@@ -5,7 +7,7 @@ import pytest
 import yaml
 
 from pipeline.cli import build_parser
-from pipeline.config import Config, ConfigError, apply_dict, config_from_args, validate
+from pipeline.config import Config, ConfigError, apply_dict, config_from_args, load_yaml, validate
 
 
 def parse(argv):
@@ -77,3 +79,14 @@ def test_cli_bad_value_exits_2_with_one_clear_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--data", str(tmp_path / "missing")],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "data.path" in p.stderr and "no such folder" in p.stderr
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml"))))
+def test_shipped_configs_load_strictly_and_validate(path, tmp_path):
+    cfg = Config()
+    apply_dict(cfg, load_yaml(path), source=path)
+    # Only the paths point at what this machine may lack (../shared, a download cache).
+    cfg.data.path = str(tmp_path)
+    if cfg.model.weights not in ("imagenet", "none"):
+        cfg.model.weights = "imagenet"
+    validate(cfg)
