@@ -113,8 +113,8 @@ def run_experiment(cfg: Config) -> dict:
             search_cfg.tune.retrain = False
             summary = run_search(search_cfg, test_once=False)
             tuned = {k: summary["best"][k] for k in ("lr", "freeze_depth", "head_lr_mult", "crop_min_scale")}
-            extra = {"tuned": tuned, "recipe": cfg.experiment.tuned_recipe, "search_val_acc": summary["best"]["val_acc"],
-                     "search_wall_s": summary["wall_time_s"]}
+            extra = {"tuned": tuned, "recipe": cfg.experiment.tuned_recipe,
+                     "search_val_acc": summary["best"]["val_acc"], "search_wall_s": summary["wall_time_s"]}
             print(f"{row}: Tune selected lr {tuned['lr']:.3g}, freeze depth {tuned['freeze_depth']}, "
                   f"crop scale {tuned['crop_min_scale']:g}-1 "
                   f"(val acc {summary['best']['val_acc']:.3f}); training it on the full train split", flush=True)

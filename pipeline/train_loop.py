@@ -17,8 +17,14 @@ import yaml
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.model import (SourceWeights, build_for_config, class_probabilities, make_optimizer, make_scheduler,
-                            set_train_mode)
+from pipeline.model import (
+    SourceWeights,
+    build_for_config,
+    class_probabilities,
+    make_optimizer,
+    make_scheduler,
+    set_train_mode,
+)
 from pipeline.normalize import Normalizer
 
 CHECKPOINT_FILE = "checkpoint.pt"
