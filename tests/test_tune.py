@@ -1,4 +1,5 @@
-"""A real Ray Tune search on a real local Ray: ASHA, validation protocol, best.json, resume."""
+"""A real Ray Tune search on a real local Ray: ASHA, validation protocol, best.json, resume; and the
+experiment command, whose tuned row is such a search."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import pytest
 from pipeline import storage
 from pipeline.cli import build_parser
 from pipeline.config import config_from_args
+from pipeline.experiment import run_experiment
 from pipeline.search import run_search
 
 SMALL = ["--data.image_size", "48", "--data.resize_size", "56", "--batch-size", "16", "--freeze-bn"]
@@ -118,3 +120,35 @@ def test_killed_search_resumes_with_the_same_command(ray_local, tiny_dataset, so
     assert "resuming the search" in second.stdout
     summary = json.load(open(tmp_path / "killed" / "best.json"))
     assert len(summary["trials"]) == 3 and all(not t["error"] for t in summary["trials"])
+
+
+def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_weights, tmp_path):
+    """`finetune experiment` end to end on generated data: zero-shot, a seed-recipe row and the
+    tuned row, whose search and training follow experiment.tuned_recipe and nothing else does.
+
+    It lives here, after the searches, because a trial that Tune stops can leave its placement
+    group behind on a Ray without the dashboard's state API (the test session's): later trainers
+    that claim their full CPU share would then wait for data tasks forever. The experiment's own
+    rows claim light logical CPUs (runner.with_light_cpu_claim), so it runs fine after them."""
+    categories = tmp_path / "categories.txt"
+    categories.write_text("\n".join("hotdog" if i == 934 else f"class{i}" for i in range(1000)))
+    cfg = config_from_args(build_parser().parse_args(
+        ["experiment", "--data", tiny_dataset, "--weights", source_weights, "--model.categories", str(categories),
+         "--data.image_size", "48", "--data.resize_size", "56", "--batch-size", "16", "--freeze-bn",
+         "--epochs", "2", "--seeds", "1", "--rows", "zero_shot,finetune_reuse,finetune_tuned",
+         "--num-samples", "2", "--tune.max_freeze_depth", "2", "--tune.crop_min_scales", "0.25,0.5",
+         "--experiment.tuned_recipe", "{optim: {epochs: 3, schedule: cosine}, data: {batch_size: 8, eval_flip: true}}",
+         "--storage", str(tmp_path / "runs"), "--name", "exp"]))
+    results = run_experiment(cfg)
+    rows = results["rows"]
+    assert list(rows) == ["zero_shot", "finetune_reuse", "finetune_tuned"]
+    assert results["reuse_rows"] == {"hotdog": 934} and 0 <= rows["zero_shot"]["test_acc_mean"] <= 1
+    assert len(rows["finetune_reuse"]["runs"][0]["curve"]) == 2  # the base recipe
+    tuned = rows["finetune_tuned"]
+    assert len(tuned["runs"][0]["curve"]) == 3 and tuned["tuned"]["crop_min_scale"] in (0.25, 0.5)
+    search = json.loads((tmp_path / "runs" / "exp" / "tune" / "best.json").read_text())
+    assert search["best"]["config"]["optim"]["epochs"] == 3 and search["best"]["config"]["data"]["eval_flip"]
+    assert all(t["epochs"] <= 3 for t in search["trials"])
+    table = (tmp_path / "runs" / "exp" / "results.md").read_text()
+    assert "recipe optim.epochs=3, optim.schedule=cosine, data.batch_size=8, data.eval_flip=True" in table
+    assert (tmp_path / "runs" / "exp" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
