@@ -4,6 +4,7 @@ experiment command, whose tuned row is such a search."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from pipeline import storage
@@ -33,13 +34,46 @@ def s3_keys(prefix: str) -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
+def asha_stops(curves: list[list[float]], grace: int, rf: int, max_t: int) -> list[bool]:
+    """Which trials Ray's ASHA (one bracket) stops before max_t, for trials run one after another:
+    at each rung a trial is stopped when its metric is below the (1 - 1/rf) quantile of the trials
+    that reached the rung before it (ties continue)."""
+    rungs: dict[int, list[float]] = {}
+    m = grace
+    while m < max_t:
+        rungs[m] = []
+        m *= rf
+    stops = []
+    for curve in curves:
+        stopped = False
+        for epoch, acc in enumerate(curve, 1):
+            if epoch in rungs:
+                earlier = rungs[epoch]
+                stopped = bool(earlier) and acc < np.percentile(earlier, 100 * (1 - 1 / rf))
+                earlier.append(acc)
+                if stopped:
+                    break
+        assert len(curve) == (epoch if stopped else max_t), curve  # reported every epoch until stopped
+        stops.append(stopped)
+    return stops
+
+
+def test_asha_stops_below_the_rung_quantile():
+    assert asha_stops([[0.5, 0.6, 0.7], [0.4], [0.9, 0.5], [0.9, 0.9, 0.9]], 1, 2, 3) == [False, True, True, False]
+    assert asha_stops([[1.0, 1.0, 1.0]] * 3, 1, 2, 3) == [False, False, False]
+
+
 def test_search_selects_on_validation_and_uses_test_once(search, tiny_dataset):
     cfg, summary = search
     trials = summary["trials"]
     assert len(trials) == 4 and all(not t["error"] for t in trials)
     assert all(1e-5 <= t["lr"] <= 3e-3 and 0 <= t["freeze_depth"] <= 3 for t in trials)
-    # ASHA (grace 1, reduction 2) stops the weak half before the last epoch.
-    assert any(t["stopped_early"] for t in trials) and any(t["epochs"] == 3 for t in trials)
+    # Every stop is ASHA's (grace 1, reduction 2, max_t = epochs) on the reported val_acc curves.
+    # Whether a tiny search stops anything depends on how training went (trials often tie at 1.0),
+    # so the test checks the decisions, not their number.
+    in_order = sorted(trials, key=lambda t: t["trial"])  # one trial at a time here: ids are run order
+    assert [t["stopped_early"] for t in in_order] == asha_stops([t["val_acc_curve"] for t in in_order], 1, 2, 3)
+    assert any(t["epochs"] == 3 for t in trials)
     best = summary["best"]
     assert best["val_acc"] == max(t["best_val_acc"] for t in trials)
     assert best["test_images"] == 24 and 0 <= best["test_acc"] <= 1
@@ -80,7 +114,8 @@ def test_report_renders_in_headless_chromium(search, tmp_path):
     page = storage.read_bytes(out).decode()
     local = tmp_path / "report.html"
     local.write_text(page)
-    assert page.count("<img ") >= 3 and "test acc" in page and "stopped by ASHA" in page
+    assert page.count("<img ") >= 3 and "test acc" in page
+    assert ("stopped by ASHA" in page) == any(t["stopped_early"] for t in search[1]["trials"])
     assert "Misclassified test images" in page
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
@@ -93,7 +128,7 @@ def test_report_renders_in_headless_chromium(search, tmp_path):
     from PIL import Image
 
     img = Image.open(shot).convert("RGB")
-    colors = len(set(img.resize((200, 600)).getdata()))
+    colors = len(img.resize((200, 600)).getcolors(maxcolors=200 * 600))
     assert img.size == (1000, 3000) and colors > 200  # plots drawn, not a blank page
 
 
