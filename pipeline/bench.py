@@ -248,7 +248,7 @@ rates = []
 t0 = time.perf_counter()
 split = (data.decode_split(index, "train", preset, center_crop=False, max_bad_fraction=0.05, shuffle_seed=0)
          if mode == "cache" else data.stream_split(index, "train", preset, center_crop=False, shuffle_seed=0))
-stream = data.train_stream(split, preset, 1.0)
+stream = data.train_stream(split, preset, 1.0, seed=0)
 for epoch in range(epochs):
     n = 0
     for b in stream.iter_torch_batches(batch_size=batch, prefetch_batches=2, local_shuffle_buffer_size=4 * batch,

@@ -112,7 +112,9 @@ class OptimConfig:
                               "large learning rates (Tune's upper range) past the fresh head's first steps.")
     loss_reduction: str = _f("mean", "'mean': loss averaged over the global batch; 'sum': summed over the "
                              "global batch as d2l does (lr then means the seed's lr).")
-    seed: int = _f(0, "Random seed for model init and data order.", flag="--seed")
+    seed: int = _f(0, "Random seed for the head init, the data order and every crop and flip (redrawn each epoch). "
+                   "With one worker a rerun repeats exactly; with several, rows reach ranks in arrival order.",
+                   flag="--seed")
 
 
 @dataclass

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import ray
 import ray.data
+from ray.data.expressions import random as random_column
 
 from pipeline import storage
 from pipeline.transforms import IMAGE_EXTENSIONS, ImagePreset
@@ -128,11 +129,21 @@ def _undecodable_paths(batch: dict, *, filesystem: pafs.FileSystem, preset: Imag
     return {"path": np.array([p for p, im in zip(batch["path"], images, strict=True) if im is None], dtype=object)}
 
 
+AUGMENT_SEED = "augment_seed"
+
+
 def _augment_batch(batch: dict, *, preset: ImagePreset) -> dict:
-    # A fresh OS-seeded generator per batch: crops are redrawn every epoch because
-    # Ray Data re-runs this stage on each pass over the decoded copy.
-    rng = np.random.default_rng()
-    return {"image": np.stack([preset.train(img, rng) for img in batch["image"]]), "label": batch["label"]}
+    # Each row's crop and flip come from its own seed column, which Ray Data redraws on every
+    # pass (epoch) from the run's seed: reproducible per row whatever task or batch it lands in.
+    rngs = [np.random.default_rng(int(u * 2**53)) for u in batch[AUGMENT_SEED]]
+    return {"image": np.stack([preset.train(img, rng) for img, rng in zip(batch["image"], rngs, strict=True)]),
+            "label": batch["label"]}
+
+
+def _epoch_seed(seed: int) -> ray.data.RandomSeedConfig:
+    """A seed Ray Data combines with the execution count: the same sequence of per-epoch draws on
+    every run with this seed, a different draw every epoch."""
+    return ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
 
 
 @dataclass
@@ -157,10 +168,10 @@ def _items_dataset(items: list) -> ray.data.Dataset:
 
 
 def _decoded(items: list, fs, preset: ImagePreset, center_crop: bool, task_cpus: float = 1.0,
-             randomize: bool = False) -> ray.data.Dataset:
+             randomize_seed: int | None = None) -> ray.data.Dataset:
     ds = _items_dataset(items)
-    if randomize:
-        ds = ds.randomize_block_order()
+    if randomize_seed is not None:
+        ds = ds.randomize_block_order(seed=_epoch_seed(randomize_seed))
     return ds.map_batches(_decode_batch, batch_size=ROWS_PER_BLOCK, batch_format="numpy", num_cpus=task_cpus,
                           fn_kwargs={"filesystem": fs, "preset": preset, "center_crop": center_crop})
 
@@ -214,19 +225,21 @@ def decode_split(index: ImageFolderIndex, split: str, preset: ImagePreset, *, ce
     return DecodedSplit(dataset=good, num_images=len(items) - n_bad, bad_files=bad_files)
 
 
-def train_stream(decoded: DecodedSplit, preset: ImagePreset, task_cpus: float = 1.0) -> ray.data.Dataset:
+def train_stream(decoded: DecodedSplit, preset: ImagePreset, task_cpus: float = 1.0, *,
+                 seed: int) -> ray.data.Dataset:
     """The per-epoch augmentation stage over the decoded copy (lazy: re-run every epoch).
 
-    Block order is redrawn each epoch; the training loop's local shuffle buffer mixes
-    rows across blocks. task_cpus below 1 lets crop/flip tasks fit beside training
-    workers that hold most CPUs."""
+    Block order and every row's crop and flip are redrawn each epoch from seed; the training
+    loop's local shuffle buffer mixes rows across blocks. task_cpus below 1 lets crop/flip tasks
+    fit beside training workers that hold most CPUs."""
     if decoded.streaming:
         # Randomize the blocks of file paths, not of decoded images: randomize_block_order is
         # an all-to-all step that holds every input block, and here that would be the whole
         # decoded split in the object store (memory growing with the dataset).
-        source = _decoded(decoded.items, *decoded.decode_args, randomize=True)
+        source = _decoded(decoded.items, *decoded.decode_args, randomize_seed=seed)
     else:
-        source = decoded.dataset.randomize_block_order()
+        source = decoded.dataset.randomize_block_order(seed=_epoch_seed(seed))
+    source = source.with_column(AUGMENT_SEED, random_column(seed=seed, reseed_after_execution=True), num_cpus=task_cpus)
     return source.map_batches(_augment_batch, batch_size=32, batch_format="numpy", num_cpus=task_cpus,
                               fn_kwargs={"preset": preset})
 

@@ -217,7 +217,7 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
     train = prep.splits["train"]
     # The crop scale may differ per run (a Tune trial's choice); the decoded copy does not depend on it.
     augment = dataclasses.replace(prep.preset, scale=(cfg.data.crop_min_scale, 1.0))
-    datasets = {"train": data.train_stream(train, augment, prep.res.data_task_cpus)}
+    datasets = {"train": data.train_stream(train, augment, prep.res.data_task_cpus, seed=cfg.optim.seed)}
     for rank, shard in enumerate(data.split_for_ranks(prep.splits[eval_split], cfg.scaling.workers)):
         datasets[f"eval_{rank}"] = shard
     meta = {"classes": prep.classes, "mean": list(prep.source.mean), "std": list(prep.source.std),
@@ -229,6 +229,10 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
             "steps_per_epoch": math.ceil(train.num_images // cfg.scaling.workers
                                          / (cfg.data.batch_size // cfg.scaling.workers))}
     res = prep.res
+    ingest = ray.train.DataConfig.default_ingest_options()
+    # One worker takes every row in the seeded order, so a rerun with the same seed repeats
+    # exactly. With several, rows go to whichever rank asks first: nothing to keep.
+    ingest.preserve_order = cfg.scaling.workers == 1
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "meta": meta, "torch_threads": res.torch_threads,
@@ -238,7 +242,7 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
             resources_per_worker={"CPU": res.cpus_per_worker,
                                   **({"GPU": cfg.scaling.gpus_per_worker} if res.use_gpu else {})}),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=fs, callbacks=callbacks,
             # Ray sets OMP_NUM_THREADS to the whole CPUs a worker holds (1 for 1.5) before torch

@@ -9,6 +9,7 @@ import tempfile
 import threading
 import time
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -124,19 +125,23 @@ class EpochRunner:
         # and the first optimizer step done (one step later: seconds on a CPU).
         self.first_batch_unix = self.first_step_unix = 0.0
 
-    def _batches(self, shard, shuffle: bool = False):
+    def _batches(self, shard, shuffle_seed: int | None = None):
         # The buffer mixes rows across several blocks: SGD needs class-mixed batches. It fills
         # before the first batch comes out, so it is capped at half this rank's epoch.
         rows = self.meta.get("train_rows_per_rank", 8 * self.local_batch)
         buffer = min(4 * self.local_batch, max(self.local_batch, rows // 2))
+        shuffle = shuffle_seed is not None
         return shard.iter_torch_batches(batch_size=self.local_batch, device=self.device, prefetch_batches=2,
                                         local_shuffle_buffer_size=buffer if shuffle else None,
+                                        local_shuffle_seed=shuffle_seed,
                                         dtypes={"image": torch.uint8, "label": torch.int64})
 
-    def prefetch_epoch(self, shard) -> EpochPrefetcher:
+    def prefetch_epoch(self, shard, epoch: int) -> EpochPrefetcher:
         """Start the next training epoch's data now (augmentation, shuffle buffer, transfer), so it
         is ready while this epoch is still being evaluated and checkpointed."""
-        return EpochPrefetcher(self._batches(shard, shuffle=True))
+        rank = ray.train.get_context().get_world_rank()
+        seed = int(np.random.SeedSequence([self.cfg.optim.seed, epoch, rank]).generate_state(1)[0])
+        return EpochPrefetcher(self._batches(shard, shuffle_seed=seed))
 
     def train_epoch(self, batches) -> dict:
         set_train_mode(self.model, self.cfg.model.freeze_bn, self.cfg.model.arch, self.cfg.model.freeze_depth)
@@ -218,7 +223,7 @@ def train_loop_per_worker(loop_config: dict) -> list:
         # Resumed a run that had already finished (its driver died before hearing so):
         # report the final epoch again so whoever drives this run (a Tune trial) gets a result.
         ray.train.report(history[-1])
-    batches = runner.prefetch_epoch(train_shard) if start_epoch <= epochs else None
+    batches = runner.prefetch_epoch(train_shard, start_epoch) if start_epoch <= epochs else None
     for epoch in range(start_epoch, epochs + 1):
         t0 = time.perf_counter()
         metrics = runner.train_epoch(batches)
@@ -229,7 +234,7 @@ def train_loop_per_worker(loop_config: dict) -> list:
             time.sleep(3)
             os._exit(1)
         train_s = time.perf_counter() - t0
-        batches = runner.prefetch_epoch(train_shard) if epoch < epochs else None
+        batches = runner.prefetch_epoch(train_shard, epoch + 1) if epoch < epochs else None
         metrics.update(runner.evaluate(eval_shard, eval_split))
         metrics.update(epoch=epoch, examples_per_sec=metrics["train_images"] / train_s,
                        first_batch_unix=runner.first_batch_unix, first_step_unix=runner.first_step_unix,
