@@ -155,6 +155,10 @@ class SearchConfig:
     max_freeze_depth: int = _f(-1, "Freeze depths searched: 0..this (-1: every stage, up to a linear probe).")
     head_lr_mults: list = _f([10.0], "Head LR multipliers to choose from (one value: not searched).")
     crop_min_scales: list = _f([], "data.crop_min_scale values to choose from (empty: not searched).")
+    eval_crop_sizes: list[int] = _f([], "data.eval_crop_size values to choose from after the search, by the best "
+                               "trial's best checkpoint's accuracy on the validation split (ties: the first "
+                               "listed). The eval crop does not change training, so it costs evaluations, not "
+                               "trials. Empty: not searched.")
     val_fraction: float = _f(0.15, "Stratified validation split carved from train; trials report and are "
                              "selected on it, the test set is used once for the best trial.")
     grace_period: int = _f(1, "ASHA: epochs every trial runs before it can be stopped.")
@@ -230,10 +234,13 @@ def iter_fields(cfg: Config):
 
 
 def _leaf_type(obj, f) -> type:
+    """The field's type: int, float, str, bool, dict, list (of floats) or list[int]."""
     hint = typing.get_type_hints(type(obj))[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and args:
         hint = args[0]
+    if typing.get_origin(hint) is list:
+        return hint
     return typing.get_origin(hint) or hint
 
 
@@ -259,9 +266,10 @@ def coerce(name: str, value: Any, typ: type) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
-        if typ is list:
+        if typ is list or typing.get_origin(typ) is list:
             items = value if isinstance(value, (list, tuple)) else [x for x in str(value).split(",") if x.strip()]
-            return [float(x) for x in items]
+            element = (typing.get_args(typ) or (float,))[0]
+            return [coerce(name, x, element) for x in items]
         if typ is dict:
             value = yaml.safe_load(value) if isinstance(value, str) else value
             if not isinstance(value, dict):
@@ -269,7 +277,7 @@ def coerce(name: str, value: Any, typ: type) -> Any:
             return value
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(name, value, f"expected {typ.__name__}") from None
+        raise ConfigError(name, value, f"expected {typ if typing.get_origin(typ) else typ.__name__}") from None
 
 
 def apply_dict(cfg: Config, d: dict, source: str = "config") -> None:
@@ -376,6 +384,8 @@ def validate(cfg: Config) -> Config:
            t.head_lr_mults, "must be one or more positive numbers")
     _check(all(0 < x <= 1 for x in t.crop_min_scales), "tune.crop_min_scales", t.crop_min_scales,
            "every value must be in (0, 1]")
+    _check(all(x == 0 or 16 <= x <= d.resize_size for x in t.eval_crop_sizes), "tune.eval_crop_sizes",
+           t.eval_crop_sizes, f"every value must be 0 (= image_size) or in 16..data.resize_size ({d.resize_size})")
     _check(0 < t.val_fraction < 0.9, "tune.val_fraction", t.val_fraction, "must be in (0, 0.9)")
     _check(t.grace_period >= 1, "tune.grace_period", t.grace_period, "must be >= 1")
     _check(t.reduction_factor >= 2, "tune.reduction_factor", t.reduction_factor, "must be >= 2")
@@ -427,7 +437,8 @@ def add_config_args(parser) -> None:
             parser.add_argument(*flags, dest=name, nargs="?", const="true", default=None,
                                 metavar="BOOL", help=help_text)
         else:
-            parser.add_argument(*flags, dest=name, default=None, metavar=typ.__name__.upper(),
+            metavar = "LIST" if typing.get_origin(typ) is list else typ.__name__.upper()
+            parser.add_argument(*flags, dest=name, default=None, metavar=metavar,
                                 help=help_text)
 
 

@@ -7,7 +7,8 @@ so nothing is selected on test):
   finetune        the recipe: backbone at lr, new Xavier head at lr x head_lr_mult
   finetune_reuse  the same, with matched classes' head rows starting from the source classifier
   finetune_tuned  finetune_reuse with experiment.tuned_recipe applied, and lr, freeze depth (and the
-                  crop scale, when tune.crop_min_scales lists some) from a Tune search on a validation split
+                  crop scale and eval crop, when tune.crop_min_scales / tune.eval_crop_sizes list some)
+                  from a Tune search on a validation split
   scratch         the same network from random init, one parameter group, the scratch lr
 """
 
@@ -23,7 +24,7 @@ import numpy as np
 from pipeline import plots, storage
 from pipeline.config import Config, with_changes
 from pipeline.model import STAGES
-from pipeline.runner import Prepared, begin, make_trainer, prepare, run_name, with_light_cpu_claim
+from pipeline.runner import Prepared, begin, make_trainer, prepare, run_name, with_eval_crop, with_light_cpu_claim
 from pipeline.zeroshot import zero_shot_accuracy
 
 ROW_TITLES = {
@@ -51,6 +52,7 @@ def row_config(cfg: Config, row: str, seed: int, tuned: dict | None = None) -> C
         if tuned is not None:  # None: the config its search starts from
             c.optim.lr, c.model.freeze_depth = tuned["lr"], tuned["freeze_depth"]
             c.optim.head_lr_mult, c.data.crop_min_scale = tuned["head_lr_mult"], tuned["crop_min_scale"]
+            c.data.eval_crop_size = tuned.get("eval_crop_size", c.data.eval_crop_size)
     elif row == "scratch":
         c.model.weights, c.model.freeze_bn, c.model.freeze_depth = "none", False, 0
         c.optim.lr = c.optim.head_lr_mult = None  # the scratch defaults: one group at the scratch lr
@@ -67,11 +69,13 @@ def _summarize(runs: list[dict]) -> dict:
 
 def _train_row(cfg: Config, prep: Prepared, name: str, exp_path: str, fs) -> dict:
     t0 = time.perf_counter()
-    history = make_trainer(cfg, prep, name=name, storage_path=exp_path, fs=fs).fit().return_value
+    result = make_trainer(cfg, prep, name=name, storage_path=exp_path, fs=fs).fit()
+    history = result.return_value
     curve = [h["test_acc"] for h in history]
     return {"seed": cfg.optim.seed, "test_acc": curve[-1], "curve": curve, "best_epoch": int(np.argmax(curve)) + 1,
-            "wall_s": time.perf_counter() - t0, "lr": cfg.lr, "head_lr_mult": cfg.head_lr_mult,
-            "freeze_depth": cfg.model.freeze_depth}
+            "test_images": history[-1]["test_images"], "wall_s": time.perf_counter() - t0, "lr": cfg.lr,
+            "head_lr_mult": cfg.head_lr_mult, "freeze_depth": cfg.model.freeze_depth,
+            "checkpoint": result.checkpoint.path if result.checkpoint else None}
 
 
 def run_experiment(cfg: Config) -> dict:
@@ -112,13 +116,18 @@ def run_experiment(cfg: Config) -> dict:
             search_cfg.run.storage, search_cfg.run.name = exp_dir, "tune"
             search_cfg.tune.retrain = False
             summary = run_search(search_cfg, test_once=False)
-            tuned = {k: summary["best"][k] for k in ("lr", "freeze_depth", "head_lr_mult", "crop_min_scale")}
+            tuned = {k: summary["best"][k]
+                     for k in ("lr", "freeze_depth", "head_lr_mult", "crop_min_scale", "eval_crop_size")}
             extra = {"tuned": tuned, "recipe": cfg.experiment.tuned_recipe,
-                     "search_val_acc": summary["best"]["val_acc"], "search_wall_s": summary["wall_time_s"]}
+                     "search_val_acc": summary["best"]["val_acc"], "search_wall_s": summary["wall_time_s"],
+                     "search_val_acc_by_eval_crop": summary["best"]["val_acc_by_eval_crop"]}
+            eval_crop = tuned["eval_crop_size"] or search_cfg.data.image_size
             print(f"{row}: Tune selected lr {tuned['lr']:.3g}, freeze depth {tuned['freeze_depth']}, "
-                  f"crop scale {tuned['crop_min_scale']:g}-1 "
+                  f"crop scale {tuned['crop_min_scale']:g}-1, eval crop {eval_crop} "
                   f"(val acc {summary['best']['val_acc']:.3f}); training it on the full train split", flush=True)
         row_prep = dataclasses.replace(prep, source_ref=None) if row == "scratch" else prep
+        if tuned:
+            row_prep = with_eval_crop(prep, search_cfg, tuned["eval_crop_size"])
         runs = []
         for seed in seeds:
             c = row_config(cfg, row, seed, tuned)
@@ -165,7 +174,8 @@ def format_table(results: dict) -> str:
         if "tuned" in r:
             t = r["tuned"]
             title += f" (lr {t['lr']:.2g}, freeze {t['freeze_depth']}" + (
-                f", crop scale {t['crop_min_scale']:g}" if "crop_min_scale" in t else "") + ")"
+                f", crop scale {t['crop_min_scale']:g}" if "crop_min_scale" in t else "") + (
+                f", eval crop {t['eval_crop_size']}" if t.get("eval_crop_size") else "") + ")"
             if r.get("recipe"):
                 title += "; recipe " + ", ".join(f"{k}={v}" for k, v in _flat(r["recipe"]))
         lines.append(f"| {title} | {r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f} | {seeds} | "

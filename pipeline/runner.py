@@ -197,6 +197,20 @@ def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) ->
     return prep
 
 
+def with_eval_crop(prep: Prepared, cfg: Config, eval_crop: int) -> Prepared:
+    """prep with its evaluation splits decoded again at another center-crop size (a selection
+    made after decoding: tune.eval_crop_sizes). Train does not depend on it and is kept."""
+    if eval_crop == prep.preset.eval_crop:
+        return prep
+    preset = dataclasses.replace(prep.preset, eval_crop=eval_crop)
+    splits = {name: split if name == "train" else (
+        data.stream_split(prep.index, name, preset, center_crop=True, task_cpus=prep.res.data_task_cpus)
+        if split.streaming else
+        data.decode_split(prep.index, name, preset, center_crop=True, max_bad_fraction=cfg.data.max_bad_fraction))
+        for name, split in prep.splits.items()}
+    return dataclasses.replace(prep, preset=preset, splits=splits)
+
+
 def with_light_cpu_claim(prep: Prepared) -> Prepared:
     """On CPU-only clusters, workers claim 0.25 logical CPU each instead of their real share, for
     callers that run many TorchTrainers back to back (a search, the experiment's rows).

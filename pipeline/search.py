@@ -23,7 +23,16 @@ from ray.tune.search import BasicVariantGenerator
 from pipeline import data, plots, storage
 from pipeline.config import Config
 from pipeline.model import STAGES
-from pipeline.runner import Prepared, begin, make_trainer, prepare, run_name, s3_uri, with_light_cpu_claim
+from pipeline.runner import (
+    Prepared,
+    begin,
+    make_trainer,
+    prepare,
+    run_name,
+    s3_uri,
+    with_eval_crop,
+    with_light_cpu_claim,
+)
 
 METRIC = "val_acc"
 
@@ -81,6 +90,20 @@ def evaluate_checkpoint(checkpoint, dataset: ray.data.Dataset, classes: list[str
                 wrong.append((batch["image"][i], int(batch["label"][i]), int(pred[i])))
     return {"accuracy": float(np.trace(conf) / max(conf.sum(), 1)), "confusion": conf.tolist(),
             "images": int(conf.sum()), "misclassified": wrong}
+
+
+def select_eval_crop(cfg: Config, prep: Prepared, checkpoint) -> tuple[dict, int]:
+    """Score a checkpoint on the validation split at each of tune.eval_crop_sizes; the best size
+    (the first listed among ties). A network trained on RandomResizedCrop sees objects larger
+    than a center crop shows them, and a larger test crop can make up for it (FixRes)."""
+    scores = {}
+    for size in cfg.tune.eval_crop_sizes:
+        val = with_eval_crop(prep, cfg, size).splits["val"]
+        scores[size] = evaluate_checkpoint(checkpoint, val.dataset, prep.classes, keep_wrong=0)["accuracy"]
+    best = max(scores, key=scores.get)  # dicts keep insertion order: ties go to the first listed
+    print("eval crop on val: " + ", ".join(f"{k or cfg.data.image_size}: {v:.3f}" for k, v in scores.items())
+          + f" -> {best or cfg.data.image_size}", flush=True)
+    return {str(k): v for k, v in scores.items()}, best
 
 
 def retrain_on_train_val(cfg: Config, prep: Prepared, exp_path: str, fs) -> dict:
@@ -156,21 +179,27 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     # Each trial's TorchTrainer run lives in <experiment>/trials/<trial id>.
     train_run = ray.train.Result.from_path(f"{exp_path}/trials/{best_trial['trial']}", storage_filesystem=fs)
     best_ckpt = train_run.get_best_checkpoint(METRIC, "max")
+    best_cfg = trial_config(cfg.to_dict(), best_trial)
+    eval_crops = {}
+    if cfg.tune.eval_crop_sizes:
+        eval_crops, best_cfg.data.eval_crop_size = select_eval_crop(best_cfg, prep, best_ckpt)
+        prep = with_eval_crop(prep, best_cfg, best_cfg.data.eval_crop_size)
     test = (evaluate_checkpoint(best_ckpt, prep.splits["test"].dataset, prep.classes)  # the one use of test
             if test_once else {"accuracy": None, "confusion": None, "images": 0, "misclassified": []})
     best_metrics = max(train_run.best_checkpoints, key=lambda cm: cm[1][METRIC])[1]
     summary = {
         "experiment": exp_dir, "metric": METRIC, "classes": prep.classes,
-        "best": {"trial": best_trial["trial"], "config": trial_config(cfg.to_dict(), best_trial).to_dict(),
+        "best": {"trial": best_trial["trial"], "config": best_cfg.to_dict(),
                  "lr": best_trial["lr"], "freeze_depth": best_trial["freeze_depth"],
                  "head_lr_mult": best_trial["head_lr_mult"], "crop_min_scale": best_trial["crop_min_scale"],
+                 "eval_crop_size": best_cfg.data.eval_crop_size, "val_acc_by_eval_crop": eval_crops,
                  "val_acc": best_metrics[METRIC],
                  "epoch": best_metrics["epoch"], "test_acc": test["accuracy"], "test_images": test["images"],
                  "test_confusion": test["confusion"], "checkpoint": s3_uri(cfg.run.storage, best_ckpt.path)},
         "trials": trials, "wall_time_s": time.perf_counter() - t_start,
     }
     if cfg.tune.retrain:
-        summary["final"] = retrain_on_train_val(trial_config(cfg.to_dict(), best_trial), prep, exp_path, fs)
+        summary["final"] = retrain_on_train_val(best_cfg, prep, exp_path, fs)
         summary["final"]["checkpoint"] = s3_uri(cfg.run.storage, summary["final"]["checkpoint"])
         summary["wall_time_s"] = time.perf_counter() - t_start
     storage.write_bytes(storage.join(exp_dir, "best.json"), json.dumps(summary, indent=1).encode())
@@ -187,7 +216,7 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     tested = (f"test acc of its best checkpoint: {b['test_acc']:.3f} on {b['test_images']} images "
               f"(test used once, after the search)" if test_once else "test set not read")
     print(f"best trial {b['trial']}: lr {b['lr']:.3g}  freeze depth {b['freeze_depth']}  head x{b['head_lr_mult']:g}"
-          f"  crop scale {b['crop_min_scale']:g}-1"
+          f"  crop scale {b['crop_min_scale']:g}-1  eval crop {b['eval_crop_size'] or cfg.data.image_size}"
           f"  val acc {b['val_acc']:.3f} (epoch {b['epoch']})\n{tested}\n"
           f"checkpoint: {b['checkpoint']}\nsummary: {storage.join(exp_dir, 'best.json')}\n"
           f"wall time {summary['wall_time_s']:.1f} s", flush=True)

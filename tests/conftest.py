@@ -17,10 +17,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray (the same in-process start a user's `finetune train` does)."""
+    """A real local Ray (the same in-process start a user's `finetune train` does), with the
+    dashboard as a user's has it: Ray Train's PlacementGroupCleaner asks its state API whether a
+    run's controller is gone, and without it the placement groups of runs that Tune ends early
+    stay, holding CPUs that later Ray Data tasks then wait for."""
     if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, configure_logging=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": REPO}})
+        from pipeline.devs3 import free_port
+
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=True, dashboard_port=free_port(),
+                 configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": REPO}})
     yield
     ray.shutdown()
 

@@ -12,6 +12,7 @@ from pipeline.cli import build_parser
 from pipeline.config import config_from_args
 from pipeline.experiment import run_experiment
 from pipeline.search import run_search
+from pipeline.train_loop import load_checkpoint
 
 SMALL = ["--data.image_size", "48", "--data.resize_size", "56", "--batch-size", "16", "--freeze-bn"]
 
@@ -22,7 +23,7 @@ def search(ray_local, s3, tiny_dataset, source_weights):
     cfg = config_from_args(build_parser().parse_args(
         ["tune", "--data", tiny_dataset, "--weights", source_weights, "--epochs", "3", "--num-samples", "4",
          "--tune.lr_min", "1e-5", "--tune.lr_max", "3e-3", "--tune.max_freeze_depth", "3", "--tune.retrain",
-         "--tune.crop_min_scales", "0.25,0.5",
+         "--tune.crop_min_scales", "0.25,0.5", "--tune.eval_crop_sizes", "0,56",
          "--storage", "s3://runs/tune", "--name", "search", *SMALL]))
     return cfg, run_search(cfg)
 
@@ -81,6 +82,10 @@ def test_search_selects_on_validation_and_uses_test_once(search, tiny_dataset):
     assert all(t["crop_min_scale"] in (0.25, 0.5) for t in trials)
     assert best["config"]["data"]["crop_min_scale"] == best["crop_min_scale"]
     assert best["checkpoint"].startswith("s3://runs/tune/search/trials/")
+    # The eval crop: chosen after the search on val by the best checkpoint, ties to the first listed.
+    scores = best["val_acc_by_eval_crop"]
+    assert list(scores) == ["0", "56"] and best["eval_crop_size"] == int(max(scores, key=scores.get))
+    assert best["config"]["data"]["eval_crop_size"] == best["eval_crop_size"]
     saved = json.loads(storage.read_bytes("s3://runs/tune/search/best.json"))
     assert saved["best"] == best
     # The final model: the best config retrained on train + val (54 + 10 images), test reported as is.
@@ -172,6 +177,7 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
          "--data.image_size", "48", "--data.resize_size", "56", "--batch-size", "16", "--freeze-bn",
          "--epochs", "2", "--seeds", "1", "--rows", "zero_shot,finetune_reuse,finetune_tuned",
          "--num-samples", "2", "--tune.max_freeze_depth", "2", "--tune.crop_min_scales", "0.25,0.5",
+         "--tune.eval_crop_sizes", "56",  # one choice: the tuned row must evaluate on 56 px crops
          "--experiment.tuned_recipe", "{optim: {epochs: 3, schedule: cosine}, data: {batch_size: 8, eval_flip: true}}",
          "--storage", str(tmp_path / "runs"), "--name", "exp"]))
     results = run_experiment(cfg)
@@ -181,9 +187,14 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
     assert len(rows["finetune_reuse"]["runs"][0]["curve"]) == 2  # the base recipe
     tuned = rows["finetune_tuned"]
     assert len(tuned["runs"][0]["curve"]) == 3 and tuned["tuned"]["crop_min_scale"] in (0.25, 0.5)
+    assert tuned["tuned"]["eval_crop_size"] == 56 and list(tuned["search_val_acc_by_eval_crop"]) == ["56"]
+    state = load_checkpoint(tuned["runs"][0]["checkpoint"])
+    assert state["config"]["data"]["eval_crop_size"] == 56
+    assert rows["finetune_reuse"]["runs"][0]["test_images"] == tuned["runs"][0]["test_images"] == 24
     search = json.loads((tmp_path / "runs" / "exp" / "tune" / "best.json").read_text())
     assert search["best"]["config"]["optim"]["epochs"] == 3 and search["best"]["config"]["data"]["eval_flip"]
     assert all(t["epochs"] <= 3 for t in search["trials"])
     table = (tmp_path / "runs" / "exp" / "results.md").read_text()
     assert "recipe optim.epochs=3, optim.schedule=cosine, data.batch_size=8, data.eval_flip=True" in table
+    assert "eval crop 56" in table
     assert (tmp_path / "runs" / "exp" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
