@@ -24,7 +24,7 @@ class Classifier:
         self.model.load_state_dict(state["model"])
         self.model.eval().to(self.device)
         data, scaling = self.config["data"], self.config["scaling"]
-        self.preset = ImagePreset(data["image_size"], data["resize_size"], eval_crop=data.get("eval_crop_size", 0))
+        self.preset = ImagePreset.from_data_config(data)
         self.normalize = Normalizer(state["mean"], state["std"], scaling["channels_last"]).to(self.device)
         self.bf16 = use_bf16(scaling["precision"], self.device)
         self.mirror = bool(data.get("eval_flip", False))  # as the run evaluated (older checkpoints: no flip)

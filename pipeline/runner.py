@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import io
@@ -158,8 +159,7 @@ def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) ->
     if val_fraction:
         index = data.stratified_split(index, val_fraction, seed=cfg.optim.seed)
     source = load_source_weights(cfg.model, progress=sys.stderr.isatty())
-    preset = ImagePreset(cfg.data.image_size, cfg.data.resize_size, scale=(cfg.data.crop_min_scale, 1.0),
-                         eval_crop=cfg.data.eval_crop_size)
+    preset = ImagePreset.from_data_config(cfg.to_dict()["data"])
     need = sum(data.decoded_bytes(len(f), preset, split != "train") for split, f in index.files.items())
     store = ray.cluster_resources().get("object_store_memory", 0)
     cache = cfg.data.cache_decoded == "always" or (cfg.data.cache_decoded == "auto" and need <= store / 2)
@@ -243,7 +243,9 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
             "steps_per_epoch": math.ceil(train.num_images // cfg.scaling.workers
                                          / (cfg.data.batch_size // cfg.scaling.workers))}
     res = prep.res
-    ingest = ray.train.DataConfig.default_ingest_options()
+    # Ray Train's default is the driver's options; copied here rather than through
+    # DataConfig.default_ingest_options, which passes the deprecated exclude_resources along.
+    ingest = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
     # One worker takes every row in the seeded order, so a rerun with the same seed repeats
     # exactly. With several, rows go to whichever rank asks first: nothing to keep.
     ingest.preserve_order = cfg.scaling.workers == 1

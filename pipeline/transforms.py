@@ -52,6 +52,13 @@ class ImagePreset:
     ratio: tuple = (3 / 4, 4 / 3)
     eval_crop: int = 0  # CenterCrop size for evaluation; 0 = image_size (the recipe)
 
+    @classmethod
+    def from_data_config(cls, data: dict) -> ImagePreset:
+        """The preset of a config's data section, as a dict: a Config's to_dict() or the one saved
+        in a checkpoint (whose older versions may lack the later fields)."""
+        return cls(data["image_size"], data["resize_size"], scale=(data.get("crop_min_scale", 0.08), 1.0),
+                   eval_crop=data.get("eval_crop_size", 0))
+
     @property
     def eval_size(self) -> int:
         return self.eval_crop or self.image_size

@@ -126,3 +126,14 @@ def test_eval_crop_size_widens_the_center_crop():
     assert wide.eval(img).shape == (64, 64, 3) and PRESET.eval(img).shape == (56, 56, 3)
     assert np.array_equal(wide.eval(img), img[:, 16:80])
     assert np.array_equal(PRESET.eval(img), img[4:60, 20:76])
+
+
+def test_preset_from_a_config_or_an_older_checkpoints_data_section():
+    from pipeline.config import Config
+
+    cfg = Config()
+    cfg.data.crop_min_scale, cfg.data.eval_crop_size = 0.25, 256
+    preset = ImagePreset.from_data_config(cfg.to_dict()["data"])
+    assert preset == ImagePreset(224, 256, scale=(0.25, 1.0), eval_crop=256)
+    # A checkpoint saved before crop_min_scale and eval_crop_size existed: the recipe's values.
+    assert ImagePreset.from_data_config({"image_size": 160, "resize_size": 192}) == ImagePreset(160, 192)
