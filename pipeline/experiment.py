@@ -127,7 +127,7 @@ def run_experiment(cfg: Config) -> dict:
                   f"(val acc {summary['best']['val_acc']:.3f}); training it on the full train split", flush=True)
         row_prep = dataclasses.replace(prep, source_ref=None) if row == "scratch" else prep
         if tuned:
-            row_prep = with_eval_crop(prep, search_cfg, tuned["eval_crop_size"])
+            row_prep = with_eval_crop(prep, search_cfg, tuned["eval_crop_size"], splits=("test",))
         runs = []
         for seed in seeds:
             c = row_config(cfg, row, seed, tuned)

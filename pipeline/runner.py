@@ -149,6 +149,17 @@ class Prepared:
     rest_bias: dict  # the one unmatched class -> its starting bias (zeroshot.calibrate_rest_bias)
 
 
+def load_split(cfg: Config, index: data.ImageFolderIndex, split: str, preset: ImagePreset, res: Resources, *,
+               cache: bool) -> data.DecodedSplit:
+    """One split, decoded once into the object store (cache) or streamed: train keeps whole
+    images for the per-epoch crops, the others are center-cropped for evaluation."""
+    kwargs = {"center_crop": split != "train", "shuffle_seed": cfg.optim.seed if split == "train" else None}
+    if cache:
+        return data.decode_split(index, split, preset, max_bad_fraction=cfg.data.max_bad_fraction, **kwargs)
+    # Decoding runs beside training here: it gets the CPU share kept for the data tasks.
+    return data.stream_split(index, split, preset, task_cpus=res.data_task_cpus, **kwargs)
+
+
 def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) -> Prepared:
     """Scan, load weights, decode every split once. val_fraction > 0 carves a stratified
     validation split out of train (the split Tune selects on; test stays untouched)."""
@@ -163,17 +174,11 @@ def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) ->
     need = sum(data.decoded_bytes(len(f), preset, split != "train") for split, f in index.files.items())
     store = ray.cluster_resources().get("object_store_memory", 0)
     cache = cfg.data.cache_decoded == "always" or (cfg.data.cache_decoded == "auto" and need <= store / 2)
-    def load(split: str) -> data.DecodedSplit:
-        kwargs = {"center_crop": split != "train", "shuffle_seed": cfg.optim.seed if split == "train" else None}
-        if cache:
-            return data.decode_split(index, split, preset, max_bad_fraction=cfg.data.max_bad_fraction, **kwargs)
-        # Decoding runs beside training here: it gets the CPU share kept for the data tasks.
-        return data.stream_split(index, split, preset, task_cpus=res.data_task_cpus, **kwargs)
-
     # All splits decode at once: one Ray Data execution per split, run side by side, so the
     # small eval split does not wait for train to finish (or the other way round).
     with ThreadPoolExecutor(len(index.files)) as pool:
-        splits = dict(zip(index.files, pool.map(load, index.files), strict=True))
+        futures = {split: pool.submit(load_split, cfg, index, split, preset, res, cache=cache) for split in index.files}
+        splits = {split: f.result() for split, f in futures.items()}
     skipped = sum(len(d.bad_files) for d in splits.values())
     sizes = ", ".join(f"{k} {v.num_images}" for k, v in splits.items())
     mode = (f"decoded once, {need / 2**30:.2f} GiB cached" if cache else
@@ -197,18 +202,15 @@ def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) ->
     return prep
 
 
-def with_eval_crop(prep: Prepared, cfg: Config, eval_crop: int) -> Prepared:
-    """prep with its evaluation splits decoded again at another center-crop size (a selection
-    made after decoding: tune.eval_crop_sizes). Train does not depend on it and is kept."""
+def with_eval_crop(prep: Prepared, cfg: Config, eval_crop: int, splits: tuple[str, ...] = ("val", "test")) -> Prepared:
+    """prep with these evaluation splits decoded again at another center-crop size (a selection
+    made after decoding: tune.eval_crop_sizes); the others, train included, are kept as they are."""
     if eval_crop == prep.preset.eval_crop:
         return prep
     preset = dataclasses.replace(prep.preset, eval_crop=eval_crop)
-    splits = {name: split if name == "train" else (
-        data.stream_split(prep.index, name, preset, center_crop=True, task_cpus=prep.res.data_task_cpus)
-        if split.streaming else
-        data.decode_split(prep.index, name, preset, center_crop=True, max_bad_fraction=cfg.data.max_bad_fraction))
-        for name, split in prep.splits.items()}
-    return dataclasses.replace(prep, preset=preset, splits=splits)
+    redo = {name: load_split(cfg, prep.index, name, preset, prep.res, cache=not split.streaming)
+            for name, split in prep.splits.items() if name in splits}
+    return dataclasses.replace(prep, preset=preset, splits={**prep.splits, **redo})
 
 
 def with_light_cpu_claim(prep: Prepared) -> Prepared:

@@ -98,7 +98,7 @@ def select_eval_crop(cfg: Config, prep: Prepared, checkpoint) -> tuple[dict, int
     than a center crop shows them, and a larger test crop can make up for it (FixRes)."""
     scores = {}
     for size in cfg.tune.eval_crop_sizes:
-        val = with_eval_crop(prep, cfg, size).splits["val"]
+        val = with_eval_crop(prep, cfg, size, splits=("val",)).splits["val"]
         scores[size] = evaluate_checkpoint(checkpoint, val.dataset, prep.classes, keep_wrong=0)["accuracy"]
     best = max(scores, key=scores.get)  # dicts keep insertion order: ties go to the first listed
     print("eval crop on val: " + ", ".join(f"{k or cfg.data.image_size}: {v:.3f}" for k, v in scores.items())
@@ -183,7 +183,8 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     eval_crops = {}
     if cfg.tune.eval_crop_sizes:
         eval_crops, best_cfg.data.eval_crop_size = select_eval_crop(best_cfg, prep, best_ckpt)
-        prep = with_eval_crop(prep, best_cfg, best_cfg.data.eval_crop_size)
+        if test_once or cfg.tune.retrain:  # both evaluate on test, at the chosen crop
+            prep = with_eval_crop(prep, best_cfg, best_cfg.data.eval_crop_size, splits=("test",))
     test = (evaluate_checkpoint(best_ckpt, prep.splits["test"].dataset, prep.classes)  # the one use of test
             if test_once else {"accuracy": None, "confusion": None, "images": 0, "misclassified": []})
     best_metrics = max(train_run.best_checkpoints, key=lambda cm: cm[1][METRIC])[1]
