@@ -94,6 +94,11 @@ class ModelConfig:
     categories: str = _f("", "Source category names, for classifier reuse and zero-shot: '' (the weights "
                          "enum's or the sidecar's), 'imagenet' (torchvision's ImageNet-1k list, for "
                          "ImageNet state_dict files) or a text file with one name per line.")
+    wise_alpha: float = _f(1.0, "Weight-space ensemble (WiSE-FT, Wortsman et al. 2022): evaluate, export and predict "
+                           "with start + wise_alpha x (trained - start), the start being the pretrained network "
+                           "with its reused head. 1 = the trained weights (the seed's). Below 1 keeps part of the "
+                           "source model's knowledge, which on a small dataset often scores higher; meant for "
+                           "classifier reuse, where the start is itself a classifier (the zero-shot one).")
 
 
 @dataclass
@@ -159,6 +164,9 @@ class SearchConfig:
                                "trial's best checkpoint's accuracy on the validation split (ties: the first "
                                "listed). The eval crop does not change training, so it costs evaluations, not "
                                "trials. Empty: not searched.")
+    wise_alphas: list = _f([], "model.wise_alpha values to choose from after the search (and after the eval crop), "
+                           "by the best trial's best checkpoint's validation accuracy (ties: the first listed). "
+                           "Evaluations only, no extra trials. Empty: not searched.")
     val_fraction: float = _f(0.15, "Stratified validation split carved from train; trials report and are "
                              "selected on it, the test set is used once for the best trial.")
     grace_period: int = _f(1, "ASHA: epochs every trial runs before it can be stopped.")
@@ -345,6 +353,7 @@ def validate(cfg: Config) -> Config:
     if m.arch in STAGES:
         _check(0 <= m.freeze_depth <= len(STAGES[m.arch]), "model.freeze_depth", m.freeze_depth,
                f"must be in 0..{len(STAGES[m.arch])} for {m.arch}")
+    _check(0 <= m.wise_alpha <= 1, "model.wise_alpha", m.wise_alpha, "must be in [0, 1] (1 = the trained weights)")
     for name, v in (("model.mean", m.mean), ("model.std", m.std)):
         _check(v is None or len(v) == 3, name, v, "must be 3 comma-separated floats (R,G,B)")
     _check(m.std is None or all(x > 0 for x in m.std), "model.std", m.std, "must be > 0")
@@ -386,6 +395,7 @@ def validate(cfg: Config) -> Config:
            "every value must be in (0, 1]")
     _check(all(x == 0 or 16 <= x <= d.resize_size for x in t.eval_crop_sizes), "tune.eval_crop_sizes",
            t.eval_crop_sizes, f"every value must be 0 (= image_size) or in 16..data.resize_size ({d.resize_size})")
+    _check(all(0 <= x <= 1 for x in t.wise_alphas), "tune.wise_alphas", t.wise_alphas, "every value must be in [0, 1]")
     _check(0 < t.val_fraction < 0.9, "tune.val_fraction", t.val_fraction, "must be in (0, 0.9)")
     _check(t.grace_period >= 1, "tune.grace_period", t.grace_period, "must be >= 1")
     _check(t.reduction_factor >= 2, "tune.reduction_factor", t.reduction_factor, "must be >= 2")

@@ -7,7 +7,8 @@ so nothing is selected on test):
   finetune        the recipe: backbone at lr, new Xavier head at lr x head_lr_mult
   finetune_reuse  the same, with matched classes' head rows starting from the source classifier
   finetune_tuned  finetune_reuse with experiment.tuned_recipe applied, and lr, freeze depth (and the
-                  crop scale and eval crop, when tune.crop_min_scales / tune.eval_crop_sizes list some)
+                  crop scale, eval crop and WiSE-FT alpha, when tune.crop_min_scales / tune.eval_crop_sizes /
+                  tune.wise_alphas list some)
                   from a Tune search on a validation split
   scratch         the same network from random init, one parameter group, the scratch lr
 """
@@ -53,6 +54,7 @@ def row_config(cfg: Config, row: str, seed: int, tuned: dict | None = None) -> C
             c.optim.lr, c.model.freeze_depth = tuned["lr"], tuned["freeze_depth"]
             c.optim.head_lr_mult, c.data.crop_min_scale = tuned["head_lr_mult"], tuned["crop_min_scale"]
             c.data.eval_crop_size = tuned.get("eval_crop_size", c.data.eval_crop_size)
+            c.model.wise_alpha = tuned.get("wise_alpha", c.model.wise_alpha)
     elif row == "scratch":
         c.model.weights, c.model.freeze_bn, c.model.freeze_depth = "none", False, 0
         c.optim.lr = c.optim.head_lr_mult = None  # the scratch defaults: one group at the scratch lr
@@ -117,13 +119,15 @@ def run_experiment(cfg: Config) -> dict:
             search_cfg.tune.retrain = False
             summary = run_search(search_cfg, test_once=False)
             tuned = {k: summary["best"][k]
-                     for k in ("lr", "freeze_depth", "head_lr_mult", "crop_min_scale", "eval_crop_size")}
+                     for k in ("lr", "freeze_depth", "head_lr_mult", "crop_min_scale", "eval_crop_size", "wise_alpha")}
             extra = {"tuned": tuned, "recipe": cfg.experiment.tuned_recipe,
                      "search_val_acc": summary["best"]["val_acc"], "search_wall_s": summary["wall_time_s"],
-                     "search_val_acc_by_eval_crop": summary["best"]["val_acc_by_eval_crop"]}
+                     "search_val_acc_by_eval_crop": summary["best"]["val_acc_by_eval_crop"],
+                     "search_val_acc_by_wise_alpha": summary["best"]["val_acc_by_wise_alpha"]}
             eval_crop = tuned["eval_crop_size"] or search_cfg.data.image_size
             print(f"{row}: Tune selected lr {tuned['lr']:.3g}, freeze depth {tuned['freeze_depth']}, "
-                  f"crop scale {tuned['crop_min_scale']:g}-1, eval crop {eval_crop} "
+                  f"crop scale {tuned['crop_min_scale']:g}-1, eval crop {eval_crop}, "
+                  f"WiSE alpha {tuned['wise_alpha']:g} "
                   f"(val acc {summary['best']['val_acc']:.3f}); training it on the full train split", flush=True)
         row_prep = dataclasses.replace(prep, source_ref=None) if row == "scratch" else prep
         if tuned:
@@ -175,7 +179,8 @@ def format_table(results: dict) -> str:
             t = r["tuned"]
             title += f" (lr {t['lr']:.2g}, freeze {t['freeze_depth']}" + (
                 f", crop scale {t['crop_min_scale']:g}" if "crop_min_scale" in t else "") + (
-                f", eval crop {t['eval_crop_size']}" if t.get("eval_crop_size") else "") + ")"
+                f", eval crop {t['eval_crop_size']}" if t.get("eval_crop_size") else "") + (
+                f", WiSE alpha {t['wise_alpha']:g}" if t.get("wise_alpha", 1) != 1 else "") + ")"
             if r.get("recipe"):
                 title += "; recipe " + ", ".join(f"{k}={v}" for k, v in _flat(r["recipe"]))
         lines.append(f"| {title} | {r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f} | {seeds} | "

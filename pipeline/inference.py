@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.model import build_model, class_probabilities
+from pipeline.model import build_model, class_probabilities, interpolate_weights
 from pipeline.normalize import Normalizer
 from pipeline.train_loop import load_checkpoint, use_bf16
 from pipeline.transforms import ImagePreset
@@ -14,14 +14,22 @@ from pipeline.transforms import ImagePreset
 class Classifier:
     """A checkpoint's model with its own preprocessing (classes, mean/std, crop sizes, precision)."""
 
-    def __init__(self, checkpoint_dir: str, device: str = "cpu"):
+    def __init__(self, checkpoint_dir: str, device: str = "cpu", wise_alpha: float | None = None):
+        """wise_alpha: the WiSE-FT interpolation to use instead of the run's model.wise_alpha."""
         state = load_checkpoint(checkpoint_dir)
         self.classes: list[str] = state["classes"]
         self.config: dict = state["config"]
         self.epoch: int = state["epoch"]
         self.device = torch.device(device)
         self.model = build_model(state["arch"], len(self.classes))
-        self.model.load_state_dict(state["model"])
+        self.wise_alpha = self.config["model"].get("wise_alpha", 1.0) if wise_alpha is None else wise_alpha
+        weights = state["model"]
+        if self.wise_alpha != 1:
+            if "start_weights" not in state:
+                raise ValueError(f"wise_alpha {self.wise_alpha}: checkpoint {checkpoint_dir} holds no start weights "
+                                 "(saved by runs with model.wise_alpha < 1 or tune.wise_alphas set); valid here: 1")
+            weights = interpolate_weights(state["start_weights"], weights, self.wise_alpha)
+        self.model.load_state_dict(weights)
         self.model.eval().to(self.device)
         data, scaling = self.config["data"], self.config["scaling"]
         self.preset = ImagePreset.from_data_config(data)

@@ -224,6 +224,20 @@ def build_for_config(cfg, num_classes: int, source: SourceWeights | None = None,
     return model
 
 
+def trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the parameters that train (frozen ones never leave their start)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def interpolate_weights(start: dict, trained: dict, alpha: float) -> dict:
+    """WiSE-FT's weight-space ensemble: start + alpha x (trained - start) for the tensors in start;
+    every other entry of trained (frozen weights, buffers) as it is."""
+    out = dict(trained)
+    for name, s in start.items():
+        out[name] = torch.lerp(s.to(trained[name]), trained[name], alpha)
+    return out
+
+
 def class_probabilities(model: nn.Module, x: torch.Tensor, *, mirror: bool = False, bf16: bool = False) -> torch.Tensor:
     """Softmax of a normalized NCHW batch (fp32), averaged with the mirrored batch's when mirror is set."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -75,13 +75,15 @@ def _trial(params: dict, *, base: dict, prep: Prepared, fs, path: str) -> None:
     trainer.fit()
 
 
-def evaluate_checkpoint(checkpoint, dataset: ray.data.Dataset, classes: list[str], keep_wrong: int = 16) -> dict:
-    """Accuracy, confusion matrix and a few misclassified images of a checkpoint on a decoded split."""
+def evaluate_checkpoint(checkpoint, dataset: ray.data.Dataset, classes: list[str], keep_wrong: int = 16,
+                        wise_alpha: float | None = None) -> dict:
+    """Accuracy, confusion matrix and a few misclassified images of a checkpoint on a decoded split
+    (wise_alpha: instead of the run's model.wise_alpha)."""
     from pipeline.inference import Classifier
 
     wrong: list[tuple] = []
     with checkpoint.as_directory() as d:
-        clf = Classifier(d)
+        clf = Classifier(d, wise_alpha=wise_alpha)
         conf = np.zeros((len(classes), len(classes)), dtype=int)
         for batch in dataset.iter_batches(batch_size=64, batch_format="numpy"):
             pred = clf.probabilities(batch["image"]).argmax(1)
@@ -104,6 +106,18 @@ def select_eval_crop(cfg: Config, prep: Prepared, checkpoint) -> tuple[dict, int
     print("eval crop on val: " + ", ".join(f"{k or cfg.data.image_size}: {v:.3f}" for k, v in scores.items())
           + f" -> {best or cfg.data.image_size}", flush=True)
     return {str(k): v for k, v in scores.items()}, best
+
+
+def select_wise_alpha(cfg: Config, prep: Prepared, checkpoint) -> tuple[dict, float]:
+    """Score a checkpoint on the validation split (at cfg's eval crop) at each of tune.wise_alphas;
+    the best (the first listed among ties). Interpolating toward the start weights costs no training."""
+    val = with_eval_crop(prep, cfg, cfg.data.eval_crop_size, splits=("val",)).splits["val"]
+    scores = {alpha: evaluate_checkpoint(checkpoint, val.dataset, prep.classes, keep_wrong=0,
+                                         wise_alpha=alpha)["accuracy"] for alpha in cfg.tune.wise_alphas}
+    best = max(scores, key=scores.get)
+    print("WiSE-FT alpha on val: " + ", ".join(f"{k:g}: {v:.3f}" for k, v in scores.items()) + f" -> {best:g}",
+          flush=True)
+    return {f"{k:g}": v for k, v in scores.items()}, float(best)
 
 
 def retrain_on_train_val(cfg: Config, prep: Prepared, exp_path: str, fs) -> dict:
@@ -185,7 +199,11 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
         eval_crops, best_cfg.data.eval_crop_size = select_eval_crop(best_cfg, prep, best_ckpt)
         if test_once or cfg.tune.retrain:  # both evaluate on test, at the chosen crop
             prep = with_eval_crop(prep, best_cfg, best_cfg.data.eval_crop_size, splits=("test",))
-    test = (evaluate_checkpoint(best_ckpt, prep.splits["test"].dataset, prep.classes)  # the one use of test
+    wise_scores = {}
+    if cfg.tune.wise_alphas:
+        wise_scores, best_cfg.model.wise_alpha = select_wise_alpha(best_cfg, prep, best_ckpt)
+    test = (evaluate_checkpoint(best_ckpt, prep.splits["test"].dataset, prep.classes,  # the one use of test
+                                wise_alpha=best_cfg.model.wise_alpha)
             if test_once else {"accuracy": None, "confusion": None, "images": 0, "misclassified": []})
     best_metrics = max(train_run.best_checkpoints, key=lambda cm: cm[1][METRIC])[1]
     summary = {
@@ -194,6 +212,7 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
                  "lr": best_trial["lr"], "freeze_depth": best_trial["freeze_depth"],
                  "head_lr_mult": best_trial["head_lr_mult"], "crop_min_scale": best_trial["crop_min_scale"],
                  "eval_crop_size": best_cfg.data.eval_crop_size, "val_acc_by_eval_crop": eval_crops,
+                 "wise_alpha": best_cfg.model.wise_alpha, "val_acc_by_wise_alpha": wise_scores,
                  "val_acc": best_metrics[METRIC],
                  "epoch": best_metrics["epoch"], "test_acc": test["accuracy"], "test_images": test["images"],
                  "test_confusion": test["confusion"], "checkpoint": s3_uri(cfg.run.storage, best_ckpt.path)},
@@ -218,6 +237,7 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
               f"(test used once, after the search)" if test_once else "test set not read")
     print(f"best trial {b['trial']}: lr {b['lr']:.3g}  freeze depth {b['freeze_depth']}  head x{b['head_lr_mult']:g}"
           f"  crop scale {b['crop_min_scale']:g}-1  eval crop {b['eval_crop_size'] or cfg.data.image_size}"
+          f"  WiSE alpha {b['wise_alpha']:g}"
           f"  val acc {b['val_acc']:.3f} (epoch {b['epoch']})\n{tested}\n"
           f"checkpoint: {b['checkpoint']}\nsummary: {storage.join(exp_dir, 'best.json')}\n"
           f"wall time {summary['wall_time_s']:.1f} s", flush=True)

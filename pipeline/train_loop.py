@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import sys
@@ -25,6 +26,7 @@ from pipeline.model import (
     make_optimizer,
     make_scheduler,
     set_train_mode,
+    trainable_weights,
 )
 from pipeline.normalize import Normalizer
 
@@ -119,6 +121,10 @@ class EpochRunner:
         self.optimizer = make_optimizer(self.raw_model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, meta["steps_per_epoch"])
         self.normalize = Normalizer(meta["mean"], meta["std"], cfg.scaling.channels_last).to(self.device)
+        # WiSE-FT needs the start weights: to evaluate the interpolation, and in each checkpoint for
+        # whoever loads it (prediction; a search choosing tune.wise_alphas after its trials).
+        self.start_weights = (trainable_weights(self.raw_model)
+                              if cfg.model.wise_alpha != 1 or cfg.tune.wise_alphas else None)
         self.world = ray.train.get_context().get_world_size()
         self.local_batch = cfg.data.batch_size // self.world
         # Wall-clock times (start-up benchmarks): the first batch in hand, i.e. training begins,
@@ -166,8 +172,31 @@ class EpochRunner:
         return {"train_loss": loss_sum / max(count, 1), "train_acc": correct / max(count, 1),
                 "train_images": int(count)}
 
+    @contextlib.contextmanager
+    def weights_for_evaluation(self):
+        """The trained weights, or (model.wise_alpha < 1) their interpolation with the start, restored after."""
+        alpha = self.cfg.model.wise_alpha
+        if alpha == 1:
+            yield
+            return
+        params = dict(self.raw_model.named_parameters())
+        trained = {n: params[n].detach().clone() for n in self.start_weights}
+        with torch.no_grad():
+            for n, start in self.start_weights.items():
+                params[n].copy_(torch.lerp(start, trained[n], alpha))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, w in trained.items():
+                    params[n].copy_(w)
+
     @torch.no_grad()
     def evaluate(self, shard, split: str = "test") -> dict:
+        with self.weights_for_evaluation():
+            return self._evaluate(shard, split)
+
+    def _evaluate(self, shard, split: str) -> dict:
         self.model.eval()
         stats = torch.zeros(2, dtype=torch.float64, device=self.device)  # correct, count
         if shard is not None:
@@ -181,13 +210,18 @@ class EpochRunner:
         return {f"{split}_acc": correct / max(count, 1), f"{split}_images": int(count)}
 
     def state_dict(self) -> dict:
-        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+        state = {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict()}
+        if self.start_weights is not None:
+            state["start_weights"] = self.start_weights
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "start_weights" in state:
+            self.start_weights = {n: w.to(self.device) for n, w in state["start_weights"].items()}
 
 
 def train_loop_per_worker(loop_config: dict) -> list:

@@ -54,6 +54,7 @@ def test_unknown_and_mistyped_keys_rejected(bad, field):
     ("optim", "lr", -1.0, "(0, 10)"),
     ("scaling", "precision", "fp8", "auto, bf16, fp32"),
     ("optim", "loss_reduction", "avg", "mean, sum"),
+    ("model", "wise_alpha", 1.5, "[0, 1]"),
 ])
 def test_validation_names_field_value_and_choices(tmp_path, section, key, value, needle):
     cfg = Config()

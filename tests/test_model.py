@@ -169,3 +169,26 @@ def test_class_probabilities_with_mirror_average_the_two_views():
     assert torch.allclose(both, (torch.softmax(net(x), 1) + torch.softmax(net(x.flip(3)), 1)) / 2)
     assert not torch.allclose(both, plain)  # this net is not mirror-invariant, so the views differ
     assert torch.allclose(both.sum(1), torch.ones(5))
+
+
+def test_interpolate_weights_is_wise_ft():
+    """alpha 0 = the start, 1 = the trained weights, between: the straight line; frozen weights
+    and buffers (not in start) come from the trained state as they are."""
+    from pipeline.model import interpolate_weights, trainable_weights
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    net[0].requires_grad_(False)
+    start = trainable_weights(net)
+    assert set(start) == {"1.weight", "1.bias", "2.weight", "2.bias"}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    trained = net.state_dict()
+    for alpha in (0.0, 0.25, 1.0):
+        mixed = interpolate_weights(start, trained, alpha)
+        assert set(mixed) == set(trained)
+        assert torch.allclose(mixed["2.weight"], start["2.weight"] + alpha)
+        assert torch.equal(mixed["0.weight"], trained["0.weight"])  # frozen: never left its start
+        assert torch.equal(mixed["1.running_var"], trained["1.running_var"])
+    assert torch.equal(interpolate_weights(start, trained, 0.0)["2.bias"], start["2.bias"])

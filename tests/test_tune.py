@@ -6,11 +6,13 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
-from pipeline import storage
+from pipeline import data, storage
 from pipeline.cli import build_parser
 from pipeline.config import config_from_args
 from pipeline.experiment import run_experiment
+from pipeline.inference import Classifier
 from pipeline.search import run_search
 from pipeline.train_loop import load_checkpoint
 
@@ -23,7 +25,7 @@ def search(ray_local, s3, tiny_dataset, source_weights):
     cfg = config_from_args(build_parser().parse_args(
         ["tune", "--data", tiny_dataset, "--weights", source_weights, "--epochs", "3", "--num-samples", "4",
          "--tune.lr_min", "1e-5", "--tune.lr_max", "3e-3", "--tune.max_freeze_depth", "3", "--tune.retrain",
-         "--tune.crop_min_scales", "0.25,0.5", "--tune.eval_crop_sizes", "0,56",
+         "--tune.crop_min_scales", "0.25,0.5", "--tune.eval_crop_sizes", "0,56", "--tune.wise_alphas", "1,0.5",
          "--storage", "s3://runs/tune", "--name", "search", *SMALL]))
     return cfg, run_search(cfg)
 
@@ -86,6 +88,10 @@ def test_search_selects_on_validation_and_uses_test_once(search, tiny_dataset):
     scores = best["val_acc_by_eval_crop"]
     assert list(scores) == ["0", "56"] and best["eval_crop_size"] == int(max(scores, key=scores.get))
     assert best["config"]["data"]["eval_crop_size"] == best["eval_crop_size"]
+    # WiSE-FT's alpha: chosen the same way, after the crop; test is scored with it.
+    scores = best["val_acc_by_wise_alpha"]
+    assert list(scores) == ["1", "0.5"] and best["wise_alpha"] == float(max(scores, key=scores.get))
+    assert best["config"]["model"]["wise_alpha"] == best["wise_alpha"]
     saved = json.loads(storage.read_bytes("s3://runs/tune/search/best.json"))
     assert saved["best"] == best
     # The final model: the best config retrained on train + val (54 + 10 images), test reported as is.
@@ -178,6 +184,7 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
          "--epochs", "2", "--seeds", "1", "--rows", "zero_shot,finetune_reuse,finetune_tuned",
          "--num-samples", "2", "--tune.max_freeze_depth", "2", "--tune.crop_min_scales", "0.25,0.5",
          "--tune.eval_crop_sizes", "56",  # one choice: the tuned row must evaluate on 56 px crops
+         "--tune.wise_alphas", "0.5",  # and with WiSE-FT at 0.5
          "--experiment.tuned_recipe", "{optim: {epochs: 3, schedule: cosine}, data: {batch_size: 8, eval_flip: true}}",
          "--storage", str(tmp_path / "runs"), "--name", "exp"]))
     results = run_experiment(cfg)
@@ -189,12 +196,23 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
     assert len(tuned["runs"][0]["curve"]) == 3 and tuned["tuned"]["crop_min_scale"] in (0.25, 0.5)
     assert tuned["tuned"]["eval_crop_size"] == 56 and list(tuned["search_val_acc_by_eval_crop"]) == ["56"]
     state = load_checkpoint(tuned["runs"][0]["checkpoint"])
-    assert state["config"]["data"]["eval_crop_size"] == 56
+    assert state["config"]["data"]["eval_crop_size"] == 56 and state["config"]["model"]["wise_alpha"] == 0.5
+    # The start weights travel in the checkpoint: the reused row is the source's hotdog row, and
+    # the checkpoint's model, interpolated as the row evaluated it, reproduces the reported test acc.
+    source = torch.load(source_weights, weights_only=True)
+    assert torch.equal(state["start_weights"]["fc.weight"][0], source["fc.weight"][934])
+    assert torch.equal(state["start_weights"]["layer4.1.conv2.weight"], source["layer4.1.conv2.weight"])
+    clf = Classifier(tuned["runs"][0]["checkpoint"])
+    assert clf.wise_alpha == 0.5 and clf.preset.eval_size == 56
+    test_files = data.scan_image_folder(tiny_dataset).files["test"]
+    images = np.stack([clf.prepare(open(path, "rb").read()) for path, _ in test_files])
+    acc = float((clf.probabilities(images).argmax(1) == np.array([y for _, y in test_files])).mean())
+    assert acc == pytest.approx(tuned["runs"][0]["test_acc"], abs=1e-9)
     assert rows["finetune_reuse"]["runs"][0]["test_images"] == tuned["runs"][0]["test_images"] == 24
     search = json.loads((tmp_path / "runs" / "exp" / "tune" / "best.json").read_text())
     assert search["best"]["config"]["optim"]["epochs"] == 3 and search["best"]["config"]["data"]["eval_flip"]
     assert all(t["epochs"] <= 3 for t in search["trials"])
     table = (tmp_path / "runs" / "exp" / "results.md").read_text()
     assert "recipe optim.epochs=3, optim.schedule=cosine, data.batch_size=8, data.eval_flip=True" in table
-    assert "eval crop 56" in table
+    assert "eval crop 56, WiSE alpha 0.5" in table
     assert (tmp_path / "runs" / "exp" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
