@@ -111,7 +111,7 @@ def select_eval_crop(cfg: Config, prep: Prepared, checkpoint) -> tuple[dict, int
 def select_wise_alpha(cfg: Config, prep: Prepared, checkpoint) -> tuple[dict, float]:
     """Score a checkpoint on the validation split (at cfg's eval crop) at each of tune.wise_alphas;
     the best (the first listed among ties). Interpolating toward the start weights costs no training."""
-    val = with_eval_crop(prep, cfg, cfg.data.eval_crop_size, splits=("val",)).splits["val"]
+    val = with_eval_crop(prep, cfg, cfg.data.eval_crop_size, splits=("val",)).splits["val"]  # no-op if decoded so
     scores = {alpha: evaluate_checkpoint(checkpoint, val.dataset, prep.classes, keep_wrong=0,
                                          wise_alpha=alpha)["accuracy"] for alpha in cfg.tune.wise_alphas}
     best = max(scores, key=scores.get)
@@ -197,8 +197,10 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     eval_crops = {}
     if cfg.tune.eval_crop_sizes:
         eval_crops, best_cfg.data.eval_crop_size = select_eval_crop(best_cfg, prep, best_ckpt)
-        if test_once or cfg.tune.retrain:  # both evaluate on test, at the chosen crop
-            prep = with_eval_crop(prep, best_cfg, best_cfg.data.eval_crop_size, splits=("test",))
+        # Decoded again at the chosen crop: test, if read (test_once, retrain), and val for the alpha choice.
+        redo = (("test",) if test_once or cfg.tune.retrain else ()) + (("val",) if cfg.tune.wise_alphas else ())
+        if redo:
+            prep = with_eval_crop(prep, best_cfg, best_cfg.data.eval_crop_size, splits=redo)
     wise_scores = {}
     if cfg.tune.wise_alphas:
         wise_scores, best_cfg.model.wise_alpha = select_wise_alpha(best_cfg, prep, best_ckpt)

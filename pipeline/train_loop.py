@@ -23,6 +23,7 @@ from pipeline.model import (
     SourceWeights,
     build_for_config,
     class_probabilities,
+    interpolate_weights,
     make_optimizer,
     make_scheduler,
     set_train_mode,
@@ -122,9 +123,10 @@ class EpochRunner:
         self.scheduler = make_scheduler(self.optimizer, cfg, meta["steps_per_epoch"])
         self.normalize = Normalizer(meta["mean"], meta["std"], cfg.scaling.channels_last).to(self.device)
         # WiSE-FT needs the start weights: to evaluate the interpolation, and in each checkpoint for
-        # whoever loads it (prediction; a search choosing tune.wise_alphas after its trials).
-        self.start_weights = (trainable_weights(self.raw_model)
-                              if cfg.model.wise_alpha != 1 or cfg.tune.wise_alphas else None)
+        # whoever loads it (prediction; a search choosing tune.wise_alphas after its trials, which
+        # evaluate on val). Runs that neither use nor offer an alpha keep neither copy.
+        choosing = bool(cfg.tune.wise_alphas) and meta["eval_split"] == "val"
+        self.start_weights = trainable_weights(self.raw_model) if cfg.model.wise_alpha != 1 or choosing else None
         self.world = ray.train.get_context().get_world_size()
         self.local_batch = cfg.data.batch_size // self.world
         # Wall-clock times (start-up benchmarks): the first batch in hand, i.e. training begins,
@@ -182,8 +184,8 @@ class EpochRunner:
         params = dict(self.raw_model.named_parameters())
         trained = {n: params[n].detach().clone() for n in self.start_weights}
         with torch.no_grad():
-            for n, start in self.start_weights.items():
-                params[n].copy_(torch.lerp(start, trained[n], alpha))
+            for n, w in interpolate_weights(self.start_weights, trained, alpha).items():
+                params[n].copy_(w)
         try:
             yield
         finally:
