@@ -164,8 +164,9 @@ class SearchConfig:
                                "trial's best checkpoint's accuracy on the validation split (ties: the first "
                                "listed). The eval crop does not change training, so it costs evaluations, not "
                                "trials. Empty: not searched.")
-    wise_alphas: list = _f([], "model.wise_alpha values to choose from after the search (and after the eval crop), "
-                           "by the best trial's best checkpoint's validation accuracy (ties: the first listed). "
+    wise_alphas: list = _f([], "model.wise_alpha values to choose from: every trial scores each on the validation "
+                           "split every epoch and reports the best as its val_acc (ties: the first listed), so ASHA, "
+                           "the best checkpoint and its alpha are chosen on the model as it would be used. "
                            "Evaluations only, no extra trials. Empty: not searched.")
     val_fraction: float = _f(0.15, "Stratified validation split carved from train; trials report and are "
                              "selected on it, the test set is used once for the best trial.")

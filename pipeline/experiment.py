@@ -7,9 +7,8 @@ so nothing is selected on test):
   finetune        the recipe: backbone at lr, new Xavier head at lr x head_lr_mult
   finetune_reuse  the same, with matched classes' head rows starting from the source classifier
   finetune_tuned  finetune_reuse with experiment.tuned_recipe applied, and lr, freeze depth (and the
-                  crop scale, eval crop and WiSE-FT alpha, when tune.crop_min_scales / tune.eval_crop_sizes /
-                  tune.wise_alphas list some)
-                  from a Tune search on a validation split
+                  crop scale, WiSE-FT alpha and eval crop, when tune.crop_min_scales / tune.wise_alphas /
+                  tune.eval_crop_sizes list some) from a Tune search on a validation split
   scratch         the same network from random init, one parameter group, the scratch lr
 """
 

@@ -2,8 +2,9 @@
 
 Each trial is a function that builds its own TorchTrainer (data-parallel over its own workers)
 and forwards the per-epoch reports to Tune through TuneReportCallback. Trials report validation
-accuracy on a stratified split carved from train; ASHA stops the weak ones; the best trial's best
-checkpoint is evaluated once on the untouched test set.
+accuracy on a stratified split carved from train (with tune.wise_alphas: the best over those WiSE-FT
+alphas, scored every epoch); ASHA stops the weak ones; the best trial's best checkpoint is evaluated
+once on the untouched test set.
 """
 
 from __future__ import annotations
@@ -95,29 +96,19 @@ def evaluate_checkpoint(checkpoint, dataset: ray.data.Dataset, classes: list[str
 
 
 def select_eval_crop(cfg: Config, prep: Prepared, checkpoint) -> tuple[dict, int]:
-    """Score a checkpoint on the validation split at each of tune.eval_crop_sizes; the best size
-    (the first listed among ties). A network trained on RandomResizedCrop sees objects larger
-    than a center crop shows them, and a larger test crop can make up for it (FixRes)."""
+    """Score a checkpoint on the validation split (at cfg's WiSE-FT alpha) at each of
+    tune.eval_crop_sizes; the best size (the first listed among ties). A network trained on
+    RandomResizedCrop sees objects larger than a center crop shows them, and a larger test crop
+    can make up for it (FixRes)."""
     scores = {}
     for size in cfg.tune.eval_crop_sizes:
         val = with_eval_crop(prep, cfg, size, splits=("val",)).splits["val"]
-        scores[size] = evaluate_checkpoint(checkpoint, val.dataset, prep.classes, keep_wrong=0)["accuracy"]
+        scores[size] = evaluate_checkpoint(checkpoint, val.dataset, prep.classes, keep_wrong=0,
+                                           wise_alpha=cfg.model.wise_alpha)["accuracy"]
     best = max(scores, key=scores.get)  # dicts keep insertion order: ties go to the first listed
     print("eval crop on val: " + ", ".join(f"{k or cfg.data.image_size}: {v:.3f}" for k, v in scores.items())
           + f" -> {best or cfg.data.image_size}", flush=True)
     return {str(k): v for k, v in scores.items()}, best
-
-
-def select_wise_alpha(cfg: Config, prep: Prepared, checkpoint) -> tuple[dict, float]:
-    """Score a checkpoint on the validation split (at cfg's eval crop) at each of tune.wise_alphas;
-    the best (the first listed among ties). Interpolating toward the start weights costs no training."""
-    val = with_eval_crop(prep, cfg, cfg.data.eval_crop_size, splits=("val",)).splits["val"]  # no-op if decoded so
-    scores = {alpha: evaluate_checkpoint(checkpoint, val.dataset, prep.classes, keep_wrong=0,
-                                         wise_alpha=alpha)["accuracy"] for alpha in cfg.tune.wise_alphas}
-    best = max(scores, key=scores.get)
-    print("WiSE-FT alpha on val: " + ", ".join(f"{k:g}: {v:.3f}" for k, v in scores.items()) + f" -> {best:g}",
-          flush=True)
-    return {f"{k:g}": v for k, v in scores.items()}, float(best)
 
 
 def retrain_on_train_val(cfg: Config, prep: Prepared, exp_path: str, fs) -> dict:
@@ -186,6 +177,9 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
                        "freeze_depth": r.config["freeze_depth"], "head_lr_mult": r.config["head_lr_mult"],
                        "crop_min_scale": r.config.get("crop_min_scale", cfg.data.crop_min_scale),
                        "epochs": len(accs), "best_val_acc": max(accs) if accs else None,
+                       # the WiSE-FT alpha of that best epoch, when the search offers alphas
+                       "wise_alpha": (float(df["wise_alpha"].iloc[int(np.argmax(accs))])
+                                      if accs and "wise_alpha" in df else 1.0),
                        "val_acc_curve": accs, "stopped_early": 0 < len(accs) < cfg.optim.epochs,
                        "error": str(r.error) if r.error else ""})
     trials.sort(key=lambda t: -(t["best_val_acc"] or 0))
@@ -193,21 +187,22 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     # Each trial's TorchTrainer run lives in <experiment>/trials/<trial id>.
     train_run = ray.train.Result.from_path(f"{exp_path}/trials/{best_trial['trial']}", storage_filesystem=fs)
     best_ckpt = train_run.get_best_checkpoint(METRIC, "max")
+    best_metrics = max(train_run.best_checkpoints, key=lambda cm: cm[1][METRIC])[1]
     best_cfg = trial_config(cfg.to_dict(), best_trial)
+    # The alpha was chosen with the checkpoint: the trial scored every alpha at every epoch.
+    best_cfg.model.wise_alpha = float(best_metrics.get("wise_alpha", best_cfg.model.wise_alpha))
+    wise_scores = best_metrics.get(f"{METRIC}_by_wise_alpha", {})
+    if wise_scores:
+        print("WiSE-FT alpha on val (best checkpoint): " + ", ".join(f"{k}: {v:.3f}" for k, v in wise_scores.items())
+              + f" -> {best_cfg.model.wise_alpha:g}", flush=True)
     eval_crops = {}
     if cfg.tune.eval_crop_sizes:
         eval_crops, best_cfg.data.eval_crop_size = select_eval_crop(best_cfg, prep, best_ckpt)
-        # Decoded again at the chosen crop: test, if read (test_once, retrain), and val for the alpha choice.
-        redo = (("test",) if test_once or cfg.tune.retrain else ()) + (("val",) if cfg.tune.wise_alphas else ())
-        if redo:
-            prep = with_eval_crop(prep, best_cfg, best_cfg.data.eval_crop_size, splits=redo)
-    wise_scores = {}
-    if cfg.tune.wise_alphas:
-        wise_scores, best_cfg.model.wise_alpha = select_wise_alpha(best_cfg, prep, best_ckpt)
+        if test_once or cfg.tune.retrain:  # test, decoded again at the chosen crop
+            prep = with_eval_crop(prep, best_cfg, best_cfg.data.eval_crop_size, splits=("test",))
     test = (evaluate_checkpoint(best_ckpt, prep.splits["test"].dataset, prep.classes,  # the one use of test
                                 wise_alpha=best_cfg.model.wise_alpha)
             if test_once else {"accuracy": None, "confusion": None, "images": 0, "misclassified": []})
-    best_metrics = max(train_run.best_checkpoints, key=lambda cm: cm[1][METRIC])[1]
     summary = {
         "experiment": exp_dir, "metric": METRIC, "classes": prep.classes,
         "best": {"trial": best_trial["trial"], "config": best_cfg.to_dict(),
@@ -247,11 +242,12 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
 
 
 def format_trials(trials: list[dict]) -> str:
-    lines = [f"{'trial':<34} {'lr':>9} {'freeze':>6} {'head x':>6} {'crop':>5} {'epochs':>6} {'best val':>8}  status"]
+    lines = [f"{'trial':<34} {'lr':>9} {'freeze':>6} {'head x':>6} {'crop':>5} {'epochs':>6} {'best val':>8} "
+             f"{'alpha':>5}  status"]
     for t in trials:
         acc = f"{t['best_val_acc']:.3f}" if t["best_val_acc"] is not None else "-"
         crop = f"{t['crop_min_scale']:g}" if "crop_min_scale" in t else "-"  # searches saved before the field
         status = "error" if t["error"] else ("stopped by ASHA" if t["stopped_early"] else "completed")
         lines.append(f"{t['trial'][:34]:<34} {t['lr']:>9.2e} {t['freeze_depth']:>6} {t['head_lr_mult']:>6g} "
-                     f"{crop:>5} {t['epochs']:>6} {acc:>8}  {status}")
+                     f"{crop:>5} {t['epochs']:>6} {acc:>8} {t.get('wise_alpha', 1.0):>5g}  {status}")
     return "\n".join(lines)

@@ -123,10 +123,13 @@ class EpochRunner:
         self.scheduler = make_scheduler(self.optimizer, cfg, meta["steps_per_epoch"])
         self.normalize = Normalizer(meta["mean"], meta["std"], cfg.scaling.channels_last).to(self.device)
         # WiSE-FT needs the start weights: to evaluate the interpolation, and in each checkpoint for
-        # whoever loads it (prediction; a search choosing tune.wise_alphas after its trials, which
-        # evaluate on val). Runs that neither use nor offer an alpha keep neither copy.
-        choosing = bool(cfg.tune.wise_alphas) and meta["eval_split"] == "val"
-        self.start_weights = trainable_weights(self.raw_model) if cfg.model.wise_alpha != 1 or choosing else None
+        # whoever loads it. Search trials (they evaluate on val) of a search that offers
+        # tune.wise_alphas score every alpha each epoch and report the best, so that ASHA and the
+        # checkpoint choice judge a trial by the model it would be used as. Runs that neither use
+        # nor offer an alpha keep no copy.
+        self.offered_alphas = list(cfg.tune.wise_alphas) if meta["eval_split"] == "val" else []
+        keep = cfg.model.wise_alpha != 1 or any(a != 1 for a in self.offered_alphas)
+        self.start_weights = trainable_weights(self.raw_model) if keep else None
         self.world = ray.train.get_context().get_world_size()
         self.local_batch = cfg.data.batch_size // self.world
         # Wall-clock times (start-up benchmarks): the first batch in hand, i.e. training begins,
@@ -175,9 +178,8 @@ class EpochRunner:
                 "train_images": int(count)}
 
     @contextlib.contextmanager
-    def weights_for_evaluation(self):
-        """The trained weights, or (model.wise_alpha < 1) their interpolation with the start, restored after."""
-        alpha = self.cfg.model.wise_alpha
+    def weights_for_evaluation(self, alpha: float):
+        """The trained weights, or (alpha < 1) their WiSE-FT interpolation with the start, restored after."""
         if alpha == 1:
             yield
             return
@@ -195,21 +197,27 @@ class EpochRunner:
 
     @torch.no_grad()
     def evaluate(self, shard, split: str = "test") -> dict:
-        with self.weights_for_evaluation():
-            return self._evaluate(shard, split)
-
-    def _evaluate(self, shard, split: str) -> dict:
+        """Accuracy at model.wise_alpha; or, offering alphas (search trials), the best of them (the
+        first listed among ties) as f"{split}_acc", with the alpha and every alpha's accuracy.
+        One pass over the data: each batch is scored at every alpha."""
+        alphas = self.offered_alphas or [self.cfg.model.wise_alpha]
         self.model.eval()
-        stats = torch.zeros(2, dtype=torch.float64, device=self.device)  # correct, count
+        stats = torch.zeros(len(alphas), 2, dtype=torch.float64, device=self.device)  # per alpha: correct, count
         if shard is not None:
             for batch in self._batches(shard):
-                probs = class_probabilities(self.model, self.normalize(batch["image"]),
-                                            mirror=self.cfg.data.eval_flip, bf16=self.bf16)
-                y = batch["label"]
-                stats += torch.stack([(probs.argmax(1) == y).sum().double(),
-                                      torch.tensor(y.numel(), dtype=torch.float64, device=self.device)])
-        correct, count = _all_reduce(stats).tolist()
-        return {f"{split}_acc": correct / max(count, 1), f"{split}_images": int(count)}
+                x, y = self.normalize(batch["image"]), batch["label"]
+                for i, alpha in enumerate(alphas):
+                    with self.weights_for_evaluation(alpha):
+                        probs = class_probabilities(self.model, x, mirror=self.cfg.data.eval_flip, bf16=self.bf16)
+                    stats[i, 0] += (probs.argmax(1) == y).sum()
+                    stats[i, 1] += y.numel()
+        accs = [correct / max(count, 1) for correct, count in _all_reduce(stats).tolist()]
+        metrics = {f"{split}_acc": accs[0], f"{split}_images": int(stats[0, 1])}
+        if self.offered_alphas:
+            best = int(np.argmax(accs))  # the first among ties
+            metrics.update({f"{split}_acc": accs[best], "wise_alpha": float(alphas[best]),
+                            f"{split}_acc_by_wise_alpha": {f"{a:g}": acc for a, acc in zip(alphas, accs, strict=True)}})
+        return metrics
 
     def state_dict(self) -> dict:
         state = {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -278,7 +286,9 @@ def train_loop_per_worker(loop_config: dict) -> list:
         history.append(metrics)
         if rank == 0:
             say(f"epoch {epoch}/{epochs}  loss {metrics['train_loss']:.3f}  train acc {metrics['train_acc']:.3f}"
-                f"  {eval_split} acc {metrics[eval_split + '_acc']:.3f}  {metrics['examples_per_sec']:.1f} examples/sec"
+                f"  {eval_split} acc {metrics[eval_split + '_acc']:.3f}"
+                + (f" (WiSE alpha {metrics['wise_alpha']:g})" if "wise_alpha" in metrics else "")
+                + f"  {metrics['examples_per_sec']:.1f} examples/sec"
                 f"  ({metrics['epoch_time_s']:.1f} s)"
                 + (f"  [{meta['skipped_images']} undecodable images skipped]" if meta["skipped_images"] else ""))
             with tempfile.TemporaryDirectory() as tmp:

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from ray.train import Checkpoint
 
 from pipeline import data, storage
 from pipeline.cli import build_parser
@@ -88,10 +89,23 @@ def test_search_selects_on_validation_and_uses_test_once(search, tiny_dataset):
     scores = best["val_acc_by_eval_crop"]
     assert list(scores) == ["0", "56"] and best["eval_crop_size"] == int(max(scores, key=scores.get))
     assert best["config"]["data"]["eval_crop_size"] == best["eval_crop_size"]
-    # WiSE-FT's alpha: chosen the same way, after the crop; test is scored with it.
+    # WiSE-FT's alpha: every trial scored each alpha every epoch and reported the best (ties: the
+    # first listed) as val_acc, so the checkpoint and its alpha were chosen together; test is scored with it.
     scores = best["val_acc_by_wise_alpha"]
     assert list(scores) == ["1", "0.5"] and best["wise_alpha"] == float(max(scores, key=scores.get))
+    assert best["val_acc"] == max(scores.values())
     assert best["config"]["model"]["wise_alpha"] == best["wise_alpha"]
+    assert all(t["wise_alpha"] in (1.0, 0.5) for t in trials)
+    # Those scores are the checkpoint's own: its weights interpolated as reported, on the val images.
+    val_files = data.stratified_split(data.scan_image_folder(tiny_dataset), cfg.tune.val_fraction,
+                                      seed=cfg.optim.seed).files["val"]
+    fs, path = storage.resolve(best["checkpoint"])
+    with Checkpoint(path, filesystem=fs).as_directory() as d:
+        for alpha, reported in scores.items():
+            clf = Classifier(d, wise_alpha=float(alpha))
+            images = np.stack([clf.prepare(open(path, "rb").read()) for path, _ in val_files])
+            acc = float((clf.probabilities(images).argmax(1) == np.array([y for _, y in val_files])).mean())
+            assert acc == pytest.approx(reported, abs=1e-9), alpha
     saved = json.loads(storage.read_bytes("s3://runs/tune/search/best.json"))
     assert saved["best"] == best
     # The final model: the best config retrained on train + val (54 + 10 images), test reported as is.
