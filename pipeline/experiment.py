@@ -52,8 +52,7 @@ def row_config(cfg: Config, row: str, seed: int, tuned: dict | None = None) -> C
         if tuned is not None:  # None: the config its search starts from
             c.optim.lr, c.model.freeze_depth = tuned["lr"], tuned["freeze_depth"]
             c.optim.head_lr_mult, c.data.crop_min_scale = tuned["head_lr_mult"], tuned["crop_min_scale"]
-            c.data.eval_crop_size = tuned.get("eval_crop_size", c.data.eval_crop_size)
-            c.model.wise_alpha = tuned.get("wise_alpha", c.model.wise_alpha)
+            c.data.eval_crop_size, c.model.wise_alpha = tuned["eval_crop_size"], tuned["wise_alpha"]
     elif row == "scratch":
         c.model.weights, c.model.freeze_bn, c.model.freeze_depth = "none", False, 0
         c.optim.lr = c.optim.head_lr_mult = None  # the scratch defaults: one group at the scratch lr

@@ -14,6 +14,16 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
+def _chosen_after_training(best: dict) -> str:
+    """The crop scale, eval crop and WiSE-FT alpha of the pick (summaries older than a field lack it)."""
+    config = best.get("config", {})
+    parts = [f"crop scale {best['crop_min_scale']:g}" if "crop_min_scale" in best else "",
+             f"eval crop {best['eval_crop_size'] or config.get('data', {}).get('image_size', '')}"
+             if "eval_crop_size" in best else "",
+             f"WiSE-FT alpha {best['wise_alpha']:g}" if "wise_alpha" in best else ""]
+    return "".join(f", {p}" for p in parts if p)
+
+
 def build_report(experiment: str) -> str:
     """Write <experiment>/report.html (plots inlined, no external files) and return its location."""
     summary = json.loads(storage.read_bytes(storage.join(experiment, "best.json")))
@@ -22,26 +32,32 @@ def build_report(experiment: str) -> str:
         wrong = storage.read_bytes(storage.join(experiment, "misclassified.png"))
     except (FileNotFoundError, OSError):
         wrong = b""
+    tested = best.get("test_acc") is not None
     sections = [
         f"<h1>Search {html.escape(summary['experiment'])}</h1>",
         f"<p>{len(trials)} trials selected on {summary['metric']} (stratified validation split); "
         f"wall time {summary['wall_time_s']:.0f} s.</p>",
         f"<h2>Best trial</h2><p><b>{html.escape(best['trial'])}</b>: lr {best['lr']:.3g}, freeze depth "
-        f"{best['freeze_depth']}, head x{best['head_lr_mult']:g}; val acc {best['val_acc']:.3f} (epoch "
-        f"{best['epoch']}); <b>test acc {best['test_acc']:.3f}</b> on {best['test_images']} images, "
-        f"evaluated once after the search.<br>checkpoint: <code>{html.escape(best['checkpoint'])}</code></p>",
+        f"{best['freeze_depth']}, head x{best['head_lr_mult']:g}{_chosen_after_training(best)}; "
+        f"val acc {best['val_acc']:.3f} (epoch "
+        f"{best['epoch']}); " + (f"<b>test acc {best['test_acc']:.3f}</b> on {best['test_images']} images, "
+                                 "evaluated once after the search." if tested else
+                                 "test set not read (a search inside <code>finetune experiment</code>, whose rows "
+                                 "report test).")
+        + f"<br>checkpoint: <code>{html.escape(best['checkpoint'])}</code></p>",
         (f"<p>Final model, the best config retrained on train + validation ({summary['final']['train_images']} "
          f"images): test acc {summary['final']['test_acc']:.3f}.</p>" if "final" in summary else ""),
         "<h2>Validation accuracy of every trial</h2>", _img(plots.trial_curves(trials), "trial curves"),
         "<h2>Final validation accuracy over learning rate and freeze depth</h2>",
         _img(plots.lr_depth_scatter(trials), "lr x freeze depth"),
         "<h2>Trials, best first</h2>", f"<pre>{html.escape(format_trials(trials))}</pre>",
-        "<h2>Best trial on test: confusion matrix</h2>",
-        _img(plots.confusion(best["test_confusion"], classes, "test set"), "confusion matrix"),
     ]
-    sections.append("<h2>Misclassified test images (true -> predicted)</h2>")
-    sections.append(_img(wrong, "misclassified") if wrong
-                    else "<p>None: every test image was classified correctly.</p>")
+    if tested:
+        sections += ["<h2>Best trial on test: confusion matrix</h2>",
+                     _img(plots.confusion(best["test_confusion"], classes, "test set"), "confusion matrix"),
+                     "<h2>Misclassified test images (true -> predicted)</h2>",
+                     _img(wrong, "misclassified") if wrong
+                     else "<p>None: every test image was classified correctly.</p>"]
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>ray-finetune search report</title>"
             "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}img{max-width:100%}</style>"
             "</head><body>" + "\n".join(sections) + "</body></html>")

@@ -82,15 +82,18 @@ def evaluate_checkpoint(checkpoint, dataset: ray.data.Dataset, classes: list[str
     (wise_alpha: instead of the run's model.wise_alpha)."""
     from pipeline.inference import Classifier
 
-    wrong: list[tuple] = []
     with checkpoint.as_directory() as d:
-        clf = Classifier(d, wise_alpha=wise_alpha)
-        conf = np.zeros((len(classes), len(classes)), dtype=int)
-        for batch in dataset.iter_batches(batch_size=64, batch_format="numpy"):
-            pred = clf.probabilities(batch["image"]).argmax(1)
-            np.add.at(conf, (batch["label"], pred), 1)
-            for i in np.flatnonzero(pred != batch["label"])[:max(0, keep_wrong - len(wrong))]:
-                wrong.append((batch["image"][i], int(batch["label"][i]), int(pred[i])))
+        return evaluate_classifier(Classifier(d, wise_alpha=wise_alpha), dataset, classes, keep_wrong)
+
+
+def evaluate_classifier(clf, dataset: ray.data.Dataset, classes: list[str], keep_wrong: int = 16) -> dict:
+    wrong: list[tuple] = []
+    conf = np.zeros((len(classes), len(classes)), dtype=int)
+    for batch in dataset.iter_batches(batch_size=64, batch_format="numpy"):
+        pred = clf.probabilities(batch["image"]).argmax(1)
+        np.add.at(conf, (batch["label"], pred), 1)
+        for i in np.flatnonzero(pred != batch["label"])[:max(0, keep_wrong - len(wrong))]:
+            wrong.append((batch["image"][i], int(batch["label"][i]), int(pred[i])))
     return {"accuracy": float(np.trace(conf) / max(conf.sum(), 1)), "confusion": conf.tolist(),
             "images": int(conf.sum()), "misclassified": wrong}
 
@@ -100,11 +103,14 @@ def select_eval_crop(cfg: Config, prep: Prepared, checkpoint) -> tuple[dict, int
     tune.eval_crop_sizes; the best size (the first listed among ties). A network trained on
     RandomResizedCrop sees objects larger than a center crop shows them, and a larger test crop
     can make up for it (FixRes)."""
+    from pipeline.inference import Classifier
+
     scores = {}
-    for size in cfg.tune.eval_crop_sizes:
-        val = with_eval_crop(prep, cfg, size, splits=("val",)).splits["val"]
-        scores[size] = evaluate_checkpoint(checkpoint, val.dataset, prep.classes, keep_wrong=0,
-                                           wise_alpha=cfg.model.wise_alpha)["accuracy"]
+    with checkpoint.as_directory() as d:  # one download (from S3) for every size
+        clf = Classifier(d, wise_alpha=cfg.model.wise_alpha)
+        for size in cfg.tune.eval_crop_sizes:
+            val = with_eval_crop(prep, cfg, size, splits=("val",)).splits["val"]
+            scores[size] = evaluate_classifier(clf, val.dataset, prep.classes, keep_wrong=0)["accuracy"]
     best = max(scores, key=scores.get)  # dicts keep insertion order: ties go to the first listed
     print("eval crop on val: " + ", ".join(f"{k or cfg.data.image_size}: {v:.3f}" for k, v in scores.items())
           + f" -> {best or cfg.data.image_size}", flush=True)

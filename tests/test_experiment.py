@@ -108,8 +108,9 @@ def test_row_configs_change_only_what_the_row_says():
     assert (scratch.model.weights, scratch.model.freeze_bn, scratch.head_lr_mult) == ("none", False, 1.0)
     assert scratch.lr != base.lr
     tuned = row_config(base, "finetune_tuned", 1, {"lr": 0.02, "freeze_depth": 3, "head_lr_mult": 10.0,
-                                                   "crop_min_scale": 0.5})
+                                                   "crop_min_scale": 0.5, "eval_crop_size": 256, "wise_alpha": 0.7})
     assert (tuned.lr, tuned.model.freeze_depth, tuned.data.crop_min_scale) == (0.02, 3, 0.5)
+    assert (tuned.data.eval_crop_size, tuned.model.wise_alpha) == (256, 0.7)
 
 
 def test_tuned_recipe_applies_to_the_tuned_row_only():
@@ -120,7 +121,7 @@ def test_tuned_recipe_applies_to_the_tuned_row_only():
     assert (search_start.optim.epochs, search_start.optim.schedule, search_start.data.batch_size) == (15, "cosine", 32)
     assert search_start.model.reuse_classifier and search_start.optim.lr is None
     tuned = row_config(base, "finetune_tuned", 2, {"lr": 1e-4, "freeze_depth": 2, "head_lr_mult": 10.0,
-                                                   "crop_min_scale": 0.25})
+                                                   "crop_min_scale": 0.25, "eval_crop_size": 0, "wise_alpha": 1.0})
     assert (tuned.optim.epochs, tuned.data.batch_size, tuned.lr, tuned.optim.seed) == (15, 32, 1e-4, 2)
     for row in ("linear_probe", "finetune", "finetune_reuse", "scratch"):
         c = row_config(base, row, 0)

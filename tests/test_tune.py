@@ -140,6 +140,8 @@ def test_report_renders_in_headless_chromium(search, tmp_path):
     local = tmp_path / "report.html"
     local.write_text(page)
     assert page.count("<img ") >= 3 and "test acc" in page
+    best = search[1]["best"]
+    assert f"crop scale {best['crop_min_scale']:g}" in page and f"WiSE-FT alpha {best['wise_alpha']:g}" in page
     assert ("stopped by ASHA" in page) == any(t["stopped_early"] for t in search[1]["trials"])
     assert "Misclassified test images" in page
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -230,3 +232,8 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
     assert "recipe optim.epochs=3, optim.schedule=cosine, data.batch_size=8, data.eval_flip=True" in table
     assert "eval crop 56, WiSE alpha 0.5" in table
     assert (tmp_path / "runs" / "exp" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Its search's report says test was not read there (the rows report it).
+    from pipeline.report import build_report
+
+    page = open(build_report(str(tmp_path / "runs" / "exp" / "tune"))).read()
+    assert "test set not read" in page and "confusion matrix" not in page and "WiSE-FT alpha 0.5" in page
