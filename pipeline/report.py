@@ -14,8 +14,8 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def _chosen_after_training(best: dict) -> str:
-    """The crop scale, eval crop and WiSE-FT alpha of the pick (summaries older than a field lack it)."""
+def _pick_details(best: dict) -> str:
+    """The pick's crop scale, eval crop and WiSE-FT alpha (summaries older than a field lack it)."""
     config = best.get("config", {})
     parts = [f"crop scale {best['crop_min_scale']:g}" if "crop_min_scale" in best else "",
              f"eval crop {best['eval_crop_size'] or config.get('data', {}).get('image_size', '')}"
@@ -38,7 +38,7 @@ def build_report(experiment: str) -> str:
         f"<p>{len(trials)} trials selected on {summary['metric']} (stratified validation split); "
         f"wall time {summary['wall_time_s']:.0f} s.</p>",
         f"<h2>Best trial</h2><p><b>{html.escape(best['trial'])}</b>: lr {best['lr']:.3g}, freeze depth "
-        f"{best['freeze_depth']}, head x{best['head_lr_mult']:g}{_chosen_after_training(best)}; "
+        f"{best['freeze_depth']}, head x{best['head_lr_mult']:g}{_pick_details(best)}; "
         f"val acc {best['val_acc']:.3f} (epoch "
         f"{best['epoch']}); " + (f"<b>test acc {best['test_acc']:.3f}</b> on {best['test_images']} images, "
                                  "evaluated once after the search." if tested else

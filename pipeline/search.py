@@ -192,8 +192,7 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     best_trial = trials[0]
     # Each trial's TorchTrainer run lives in <experiment>/trials/<trial id>.
     train_run = ray.train.Result.from_path(f"{exp_path}/trials/{best_trial['trial']}", storage_filesystem=fs)
-    best_ckpt = train_run.get_best_checkpoint(METRIC, "max")
-    best_metrics = max(train_run.best_checkpoints, key=lambda cm: cm[1][METRIC])[1]
+    best_ckpt, best_metrics = max(train_run.best_checkpoints, key=lambda cm: cm[1][METRIC])
     best_cfg = trial_config(cfg.to_dict(), best_trial)
     # The alpha was chosen with the checkpoint: the trial scored every alpha at every epoch.
     best_cfg.model.wise_alpha = float(best_metrics.get("wise_alpha", best_cfg.model.wise_alpha))

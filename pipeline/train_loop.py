@@ -178,22 +178,25 @@ class EpochRunner:
                 "train_images": int(count)}
 
     @contextlib.contextmanager
-    def weights_for_evaluation(self, alpha: float):
-        """The trained weights, or (alpha < 1) their WiSE-FT interpolation with the start, restored after."""
-        if alpha == 1:
-            yield
+    def interpolated_weights(self):
+        """Yields set_alpha(alpha), which puts WiSE-FT's start + alpha x (trained - start) into the
+        model. The trained weights are copied once and restored after. Without start weights
+        (runs that neither use nor offer an alpha) the only alpha is 1 and nothing is copied."""
+        if self.start_weights is None:
+            yield lambda alpha: None
             return
         params = dict(self.raw_model.named_parameters())
         trained = {n: params[n].detach().clone() for n in self.start_weights}
-        with torch.no_grad():
-            for n, w in interpolate_weights(self.start_weights, trained, alpha).items():
-                params[n].copy_(w)
+
+        def set_alpha(alpha: float) -> None:
+            weights = trained if alpha == 1 else interpolate_weights(self.start_weights, trained, alpha)
+            for n in self.start_weights:
+                params[n].copy_(weights[n])
+
         try:
-            yield
+            yield set_alpha
         finally:
-            with torch.no_grad():
-                for n, w in trained.items():
-                    params[n].copy_(w)
+            set_alpha(1)
 
     @torch.no_grad()
     def evaluate(self, shard, split: str = "test") -> dict:
@@ -203,12 +206,15 @@ class EpochRunner:
         alphas = self.offered_alphas or [self.cfg.model.wise_alpha]
         self.model.eval()
         stats = torch.zeros(len(alphas), 2, dtype=torch.float64, device=self.device)  # per alpha: correct, count
-        if shard is not None:
-            for batch in self._batches(shard):
+        with self.interpolated_weights() as set_alpha:
+            current = 1.0
+            for batch in self._batches(shard) if shard is not None else ():
                 x, y = self.normalize(batch["image"]), batch["label"]
                 for i, alpha in enumerate(alphas):
-                    with self.weights_for_evaluation(alpha):
-                        probs = class_probabilities(self.model, x, mirror=self.cfg.data.eval_flip, bf16=self.bf16)
+                    if alpha != current:
+                        set_alpha(alpha)
+                        current = alpha
+                    probs = class_probabilities(self.model, x, mirror=self.cfg.data.eval_flip, bf16=self.bf16)
                     stats[i, 0] += (probs.argmax(1) == y).sum()
                     stats[i, 1] += y.numel()
         accs = [correct / max(count, 1) for correct, count in _all_reduce(stats).tolist()]
