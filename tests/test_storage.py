@@ -100,11 +100,14 @@ def test_killed_driver_resumes_where_it_stopped(s3, staged, source_weights):
     for line in first.stdout:
         seen.append(line)
         if f"epoch 1/{epochs}" in line:
-            # Kill as soon as the epoch-1 checkpoint is in the bucket, not after a fixed sleep
-            # (later epochs may land too by then: the resume point is read from the output).
+            # Kill as soon as the epoch-1 checkpoint is committed, not after a fixed sleep (later
+            # epochs may land too by then: the resume point is read from the output). Committed
+            # means recorded by Ray Train's controller in the run's checkpoint snapshot, which it
+            # writes after the worker's upload: a checkpoint.pt alone in the bucket is not yet a
+            # checkpoint a rerun will find (killing in between made this test flaky).
             deadline = time.monotonic() + 60
-            while not any(k.endswith("checkpoint.pt") for k in objects("runs", "resume/r1/")):
-                assert time.monotonic() < deadline, "no epoch-1 checkpoint in the bucket after 60 s"
+            while "resume/r1/checkpoint_manager_snapshot.json" not in objects("runs", "resume/r1/"):
+                assert time.monotonic() < deadline, "no committed epoch-1 checkpoint after 60 s"
                 time.sleep(0.2)
             os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
             break
