@@ -152,6 +152,10 @@ class RunConfig:
                           "or the cluster of a `ray job submit`.")
 
 
+SELECT_EPOCHS = ("last", "best")
+SELECT_METRICS = ("loss", "accuracy")
+
+
 @dataclass
 class SearchConfig:
     num_samples: int = _f(8, "Tune trials to run.", flag="--num-samples")
@@ -160,14 +164,22 @@ class SearchConfig:
     max_freeze_depth: int = _f(-1, "Freeze depths searched: 0..this (-1: every stage, up to a linear probe).")
     head_lr_mults: list = _f([10.0], "Head LR multipliers to choose from (one value: not searched).")
     crop_min_scales: list = _f([], "data.crop_min_scale values to choose from (empty: not searched).")
-    eval_crop_sizes: list[int] = _f([], "data.eval_crop_size values to choose from after the search, by the best "
-                               "trial's best checkpoint's accuracy on the validation split (ties: the first "
+    eval_crop_sizes: list[int] = _f([], "data.eval_crop_size values to choose from after the search, by the "
+                               "search's pick's tune.select_metric on the validation split (ties: the first "
                                "listed). The eval crop does not change training, so it costs evaluations, not "
                                "trials. Empty: not searched.")
     wise_alphas: list = _f([], "model.wise_alpha values to choose from: every trial scores each on the validation "
-                           "split every epoch and reports the best as its val_acc (ties: the first listed), so ASHA, "
-                           "the best checkpoint and its alpha are chosen on the model as it would be used. "
+                           "split every epoch and reports the best by tune.select_metric (ties: the first listed), "
+                           "so ASHA, the pick and its alpha are chosen on the model as it would be used. "
                            "Evaluations only, no extra trials. Empty: not searched.")
+    select_metric: str = _f("loss", "What trials are scored by on the validation split (ASHA, the pick, its WiSE-FT "
+                            "alpha and eval crop). 'loss': the mean cross-entropy, lower is better; on a split of "
+                            "a few dozen images accuracy moves in steps of one image and ties, where the loss "
+                            "still tells models apart. 'accuracy': val_acc, higher is better.")
+    select_epoch: str = _f("last", "The epoch a trial is judged by. 'last': a retrain and an experiment row use a "
+                           "model's last epoch, so trials that ran every epoch rank first, by their last score, "
+                           "and the pick is that last checkpoint and its alpha. 'best': each trial's best epoch "
+                           "and best checkpoint (on a small validation split, the luckiest epoch).")
     val_fraction: float = _f(0.15, "Stratified validation split carved from train; trials report and are "
                              "selected on it, the test set is used once for the best trial.")
     grace_period: int = _f(1, "ASHA: epochs every trial runs before it can be stopped.")
@@ -397,6 +409,10 @@ def validate(cfg: Config) -> Config:
     _check(all(x == 0 or 16 <= x <= d.resize_size for x in t.eval_crop_sizes), "tune.eval_crop_sizes",
            t.eval_crop_sizes, f"every value must be 0 (= image_size) or in 16..data.resize_size ({d.resize_size})")
     _check(all(0 <= x <= 1 for x in t.wise_alphas), "tune.wise_alphas", t.wise_alphas, "every value must be in [0, 1]")
+    _check(t.select_metric in SELECT_METRICS, "tune.select_metric", t.select_metric,
+           f"valid choices: {', '.join(SELECT_METRICS)}")
+    _check(t.select_epoch in SELECT_EPOCHS, "tune.select_epoch", t.select_epoch,
+           f"valid choices: {', '.join(SELECT_EPOCHS)}")
     _check(0 < t.val_fraction < 0.9, "tune.val_fraction", t.val_fraction, "must be in (0, 0.9)")
     _check(t.grace_period >= 1, "tune.grace_period", t.grace_period, "must be >= 1")
     _check(t.reduction_factor >= 2, "tune.reduction_factor", t.reduction_factor, "must be >= 2")

@@ -121,12 +121,16 @@ def run_experiment(cfg: Config) -> dict:
             extra = {"tuned": tuned, "recipe": cfg.experiment.tuned_recipe,
                      "search_val_acc": summary["best"]["val_acc"], "search_wall_s": summary["wall_time_s"],
                      "search_val_acc_by_eval_crop": summary["best"]["val_acc_by_eval_crop"],
-                     "search_val_acc_by_wise_alpha": summary["best"]["val_acc_by_wise_alpha"]}
+                     "search_val_acc_by_wise_alpha": summary["best"]["val_acc_by_wise_alpha"],
+                     "search_metric": summary["metric"], "search_val_loss": summary["best"]["val_loss"],
+                     "search_val_loss_by_eval_crop": summary["best"]["val_loss_by_eval_crop"],
+                     "search_val_loss_by_wise_alpha": summary["best"]["val_loss_by_wise_alpha"]}
             eval_crop = tuned["eval_crop_size"] or search_cfg.data.image_size
             print(f"{row}: Tune selected lr {tuned['lr']:.3g}, freeze depth {tuned['freeze_depth']}, "
                   f"crop scale {tuned['crop_min_scale']:g}-1, eval crop {eval_crop}, "
                   f"WiSE alpha {tuned['wise_alpha']:g} "
-                  f"(val acc {summary['best']['val_acc']:.3f}); training it on the full train split", flush=True)
+                  f"(val acc {summary['best']['val_acc']:.3f}, loss {summary['best']['val_loss']:.3f}, epoch "
+                  f"{summary['best']['epoch']}); training it on the full train split", flush=True)
         row_prep = dataclasses.replace(prep, source_ref=None) if row == "scratch" else prep
         if tuned:
             row_prep = with_eval_crop(prep, search_cfg, tuned["eval_crop_size"], splits=("test",))

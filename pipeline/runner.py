@@ -245,6 +245,10 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
             "steps_per_epoch": math.ceil(train.num_images // cfg.scaling.workers
                                          / (cfg.data.batch_size // cfg.scaling.workers))}
     res = prep.res
+    # Checkpoints kept beside the latest: the best by test accuracy, or in a search trial by what the
+    # search scores (tune.select_metric), so that a search judging best epochs finds its pick.
+    score, order = ((f"{eval_split}_loss", "min") if eval_split == "val" and cfg.tune.select_metric == "loss"
+                    else (f"{eval_split}_acc", "max"))
     # Ray Train's default is the driver's options; copied here rather than through
     # DataConfig.default_ingest_options, which passes the deprecated exclude_resources along.
     ingest = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
@@ -270,8 +274,8 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our epoch line says it all
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
-                                                         checkpoint_score_attribute=f"{eval_split}_acc",
-                                                         checkpoint_score_order="max")),
+                                                         checkpoint_score_attribute=score,
+                                                         checkpoint_score_order=order)),
     )
 
 

@@ -3,8 +3,8 @@
 Each trial is a function that builds its own TorchTrainer (data-parallel over its own workers)
 and forwards the per-epoch reports to Tune through TuneReportCallback. Trials report validation
 accuracy on a stratified split carved from train (with tune.wise_alphas: the best over those WiSE-FT
-alphas, scored every epoch); ASHA stops the weak ones; the best trial's best checkpoint is evaluated
-once on the untouched test set.
+alphas, scored every epoch); ASHA stops the weak ones; the pick (by default the last checkpoint of the
+trial that ended best: what a retrain reproduces) is evaluated once on the untouched test set.
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ from pipeline.runner import (
     with_light_cpu_claim,
 )
 
-METRIC = "val_acc"
+
+def objective(cfg: Config) -> tuple[str, str]:
+    """(metric, mode) the search scores trials by: tune.select_metric on the validation split."""
+    return ("val_loss", "min") if cfg.tune.select_metric == "loss" else ("val_acc", "max")
 
 
 def search_space(cfg: Config) -> dict:
@@ -76,6 +79,43 @@ def _trial(params: dict, *, base: dict, prep: Prepared, fs, path: str) -> None:
     trainer.fit()
 
 
+def trial_summary(result: tune.Result, cfg: Config) -> dict:
+    """One trial's config, val_acc curve and the score the search ranks it by: val_acc at its
+    tune.select_epoch epoch, with that epoch's WiSE-FT alpha (the best of tune.wise_alphas there)."""
+    df = result.metrics_dataframe
+    accs = df["val_acc"].tolist() if df is not None and "val_acc" in df else []
+    # Searches saved before trials reported a loss have none: they ranked by accuracy.
+    losses = df["val_loss"].tolist() if accs and "val_loss" in df else [None] * len(accs)
+    alphas = df["wise_alpha"].tolist() if accs and "wise_alpha" in df else [1.0] * len(accs)
+    metric, mode = objective(cfg)
+    scores = accs if metric == "val_acc" else losses
+    at = None
+    if accs:
+        best_epoch = np.argmin if mode == "min" else np.argmax
+        at = len(accs) - 1 if cfg.tune.select_epoch == "last" else int(best_epoch(scores))
+    return {"trial": result.metrics.get("trial_id", result.path.rstrip("/").rsplit("/", 1)[-1]),
+            "lr": result.config["lr"], "freeze_depth": result.config["freeze_depth"],
+            "head_lr_mult": result.config["head_lr_mult"],
+            "crop_min_scale": result.config.get("crop_min_scale", cfg.data.crop_min_scale),
+            "epochs": len(accs), "best_val_acc": max(accs) if accs else None,
+            "selected_epoch": None if at is None else at + 1,
+            "val_acc": None if at is None else accs[at], "val_loss": None if at is None else losses[at],
+            "wise_alpha": 1.0 if at is None else float(alphas[at]),
+            "val_acc_curve": accs, "val_loss_curve": losses, "stopped_early": 0 < len(accs) < cfg.optim.epochs,
+            "error": str(result.error) if result.error else ""}
+
+
+def rank_key(trial: dict, cfg: Config) -> tuple:
+    """Higher is better. Judged by its last epoch, a trial that ASHA stopped early is no rival to one
+    that ran every epoch: its last val_acc is of a model trained for fewer epochs than the pick will be."""
+    ran_every_epoch = trial["epochs"] == cfg.optim.epochs or cfg.tune.select_epoch == "best"
+    metric, mode = objective(cfg)
+    score = trial[metric]
+    if score is None:
+        return ran_every_epoch, -math.inf
+    return ran_every_epoch, -score if mode == "min" else score
+
+
 def evaluate_checkpoint(checkpoint, dataset: ray.data.Dataset, classes: list[str], keep_wrong: int = 16,
                         wise_alpha: float | None = None) -> dict:
     """Accuracy, confusion matrix and a few misclassified images of a checkpoint on a decoded split
@@ -89,32 +129,39 @@ def evaluate_checkpoint(checkpoint, dataset: ray.data.Dataset, classes: list[str
 def evaluate_classifier(clf, dataset: ray.data.Dataset, classes: list[str], keep_wrong: int = 16) -> dict:
     wrong: list[tuple] = []
     conf = np.zeros((len(classes), len(classes)), dtype=int)
+    loss_sum = 0.0
     for batch in dataset.iter_batches(batch_size=64, batch_format="numpy"):
-        pred = clf.probabilities(batch["image"]).argmax(1)
+        probs = clf.probabilities(batch["image"])
+        pred = probs.argmax(1)
+        loss_sum -= float(np.log(np.maximum(probs[np.arange(len(pred)), batch["label"]], 1e-12)).sum())
         np.add.at(conf, (batch["label"], pred), 1)
         for i in np.flatnonzero(pred != batch["label"])[:max(0, keep_wrong - len(wrong))]:
             wrong.append((batch["image"][i], int(batch["label"][i]), int(pred[i])))
-    return {"accuracy": float(np.trace(conf) / max(conf.sum(), 1)), "confusion": conf.tolist(),
+    return {"accuracy": float(np.trace(conf) / max(conf.sum(), 1)), "loss": loss_sum / max(conf.sum(), 1),
+            "confusion": conf.tolist(),
             "images": int(conf.sum()), "misclassified": wrong}
 
 
 def select_eval_crop(cfg: Config, prep: Prepared, checkpoint) -> tuple[dict, int]:
     """Score a checkpoint on the validation split (at cfg's WiSE-FT alpha) at each of
-    tune.eval_crop_sizes; the best size (the first listed among ties). A network trained on
-    RandomResizedCrop sees objects larger than a center crop shows them, and a larger test crop
-    can make up for it (FixRes)."""
+    tune.eval_crop_sizes: ({"val_acc": {size: acc}, "val_loss": {size: loss}}, the best size by
+    tune.select_metric, the first listed among ties). A network trained on RandomResizedCrop sees
+    objects larger than a center crop shows them, and a larger test crop can make up for it (FixRes)."""
     from pipeline.inference import Classifier
 
-    scores = {}
+    metric, mode = objective(cfg)
+    scores: dict = {"val_acc": {}, "val_loss": {}}
     with checkpoint.as_directory() as d:  # one download (from S3) for every size
         clf = Classifier(d, wise_alpha=cfg.model.wise_alpha)
         for size in cfg.tune.eval_crop_sizes:
             val = with_eval_crop(prep, cfg, size, splits=("val",)).splits["val"]
-            scores[size] = evaluate_classifier(clf, val.dataset, prep.classes, keep_wrong=0)["accuracy"]
-    best = max(scores, key=scores.get)  # dicts keep insertion order: ties go to the first listed
-    print("eval crop on val: " + ", ".join(f"{k or cfg.data.image_size}: {v:.3f}" for k, v in scores.items())
+            r = evaluate_classifier(clf, val.dataset, prep.classes, keep_wrong=0)
+            scores["val_acc"][size], scores["val_loss"][size] = r["accuracy"], r["loss"]
+    by = scores[metric]
+    best = (min if mode == "min" else max)(by, key=by.get)  # dicts keep insertion order: ties go to the first
+    print(f"eval crop on val, {metric}: " + ", ".join(f"{k or cfg.data.image_size}: {v:.3f}" for k, v in by.items())
           + f" -> {best or cfg.data.image_size}", flush=True)
-    return {str(k): v for k, v in scores.items()}, best
+    return {m: {str(k): v for k, v in d.items()} for m, d in scores.items()}, best
 
 
 def retrain_on_train_val(cfg: Config, prep: Prepared, exp_path: str, fs) -> dict:
@@ -138,6 +185,7 @@ def retrain_on_train_val(cfg: Config, prep: Prepared, exp_path: str, fs) -> dict
 def run_search(cfg: Config, test_once: bool = True) -> dict:
     """The search; test_once=False leaves the test set unread (a caller that evaluates elsewhere)."""
     t_start = time.perf_counter()
+    metric, mode = objective(cfg)
     name = cfg.run.name or run_name(cfg).replace(cfg.model.arch, f"tune-{cfg.model.arch}", 1)
     exp_dir = storage.join(cfg.run.storage, name)
     begin(cfg)
@@ -149,7 +197,7 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     prep = prepare(sizing, val_fraction=cfg.tune.val_fraction)
     prep = with_light_cpu_claim(prep)  # concurrency is capped above, by the real CPUs
     print(f"search: {name}  {cfg.tune.num_samples} trials, {n_parallel} at a time, "
-          f"{cfg.tune.workers_per_trial} worker(s) each, ASHA on {METRIC} (grace {cfg.tune.grace_period}, "
+          f"{cfg.tune.workers_per_trial} worker(s) each, ASHA on {metric} (grace {cfg.tune.grace_period}, "
           f"reduction {cfg.tune.reduction_factor})\nexperiment: {exp_dir}", flush=True)
 
     fs, path = storage.resolve(cfg.run.storage)
@@ -165,7 +213,7 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
         tuner = tune.Tuner(
             trainable, param_space=search_space(cfg),
             tune_config=tune.TuneConfig(
-                metric=METRIC, mode="max", num_samples=cfg.tune.num_samples,
+                metric=metric, mode=mode, num_samples=cfg.tune.num_samples,
                 # Given explicitly, the generator enforces the concurrency limit itself.
                 search_alg=BasicVariantGenerator(random_state=cfg.optim.seed, max_concurrent=n_parallel),
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs,
@@ -174,32 +222,23 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
             run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, verbose=0))
     grid = tuner.fit()
 
-    trials = []
-    for r in grid:
-        df = r.metrics_dataframe
-        accs = df[METRIC].tolist() if df is not None and METRIC in df else []
-        trials.append({"trial": r.metrics.get("trial_id", r.path.rstrip("/").rsplit("/", 1)[-1]),
-                       "lr": r.config["lr"],
-                       "freeze_depth": r.config["freeze_depth"], "head_lr_mult": r.config["head_lr_mult"],
-                       "crop_min_scale": r.config.get("crop_min_scale", cfg.data.crop_min_scale),
-                       "epochs": len(accs), "best_val_acc": max(accs) if accs else None,
-                       # the WiSE-FT alpha of that best epoch, when the search offers alphas
-                       "wise_alpha": (float(df["wise_alpha"].iloc[int(np.argmax(accs))])
-                                      if accs and "wise_alpha" in df else 1.0),
-                       "val_acc_curve": accs, "stopped_early": 0 < len(accs) < cfg.optim.epochs,
-                       "error": str(r.error) if r.error else ""})
-    trials.sort(key=lambda t: -(t["best_val_acc"] or 0))
+    trials = sorted((trial_summary(r, cfg) for r in grid), key=lambda t: rank_key(t, cfg), reverse=True)
     best_trial = trials[0]
     # Each trial's TorchTrainer run lives in <experiment>/trials/<trial id>.
     train_run = ray.train.Result.from_path(f"{exp_path}/trials/{best_trial['trial']}", storage_filesystem=fs)
-    best_ckpt, best_metrics = max(train_run.best_checkpoints, key=lambda cm: cm[1][METRIC])
+    if cfg.tune.select_epoch == "last":  # Ray Train keeps the latest checkpoint whatever num_to_keep says
+        best_ckpt, best_metrics = train_run.checkpoint, train_run.metrics
+    else:
+        best_ckpt, best_metrics = (min if mode == "min" else max)(train_run.best_checkpoints,
+                                                                  key=lambda cm: cm[1][metric])
     best_cfg = trial_config(cfg.to_dict(), best_trial)
     # The alpha was chosen with the checkpoint: the trial scored every alpha at every epoch.
     best_cfg.model.wise_alpha = float(best_metrics.get("wise_alpha", best_cfg.model.wise_alpha))
-    wise_scores = best_metrics.get(f"{METRIC}_by_wise_alpha", {})
+    wise_scores = best_metrics.get(f"{metric}_by_wise_alpha", {})
     if wise_scores:
-        print("WiSE-FT alpha on val (best checkpoint): " + ", ".join(f"{k}: {v:.3f}" for k, v in wise_scores.items())
-              + f" -> {best_cfg.model.wise_alpha:g}", flush=True)
+        print(f"WiSE-FT alpha on val (the pick, epoch {best_metrics['epoch']}), {metric}: "
+              + ", ".join(f"{k}: {v:.3f}" for k, v in wise_scores.items()) + f" -> {best_cfg.model.wise_alpha:g}",
+              flush=True)
     eval_crops = {}
     if cfg.tune.eval_crop_sizes:
         eval_crops, best_cfg.data.eval_crop_size = select_eval_crop(best_cfg, prep, best_ckpt)
@@ -209,13 +248,16 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
                                 wise_alpha=best_cfg.model.wise_alpha)
             if test_once else {"accuracy": None, "confusion": None, "images": 0, "misclassified": []})
     summary = {
-        "experiment": exp_dir, "metric": METRIC, "classes": prep.classes,
+        "experiment": exp_dir, "metric": metric, "classes": prep.classes,
         "best": {"trial": best_trial["trial"], "config": best_cfg.to_dict(),
                  "lr": best_trial["lr"], "freeze_depth": best_trial["freeze_depth"],
                  "head_lr_mult": best_trial["head_lr_mult"], "crop_min_scale": best_trial["crop_min_scale"],
-                 "eval_crop_size": best_cfg.data.eval_crop_size, "val_acc_by_eval_crop": eval_crops,
-                 "wise_alpha": best_cfg.model.wise_alpha, "val_acc_by_wise_alpha": wise_scores,
-                 "val_acc": best_metrics[METRIC],
+                 "eval_crop_size": best_cfg.data.eval_crop_size,
+                 "val_acc_by_eval_crop": eval_crops.get("val_acc", {}),
+                 "val_loss_by_eval_crop": eval_crops.get("val_loss", {}), "wise_alpha": best_cfg.model.wise_alpha,
+                 "val_acc_by_wise_alpha": best_metrics.get("val_acc_by_wise_alpha", {}),
+                 "val_loss_by_wise_alpha": best_metrics.get("val_loss_by_wise_alpha", {}),
+                 "val_acc": best_metrics["val_acc"], "val_loss": best_metrics.get("val_loss"),
                  "epoch": best_metrics["epoch"], "test_acc": test["accuracy"], "test_images": test["images"],
                  "test_confusion": test["confusion"], "checkpoint": s3_uri(cfg.run.storage, best_ckpt.path)},
         "trials": trials, "wall_time_s": time.perf_counter() - t_start,
@@ -235,24 +277,31 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
         f = summary["final"]
         print(f"final model (train + val, {f['train_images']} images, {f['epochs']} epochs): test acc "
               f"{f['test_acc']:.3f}\nfinal checkpoint: {f['checkpoint']}", flush=True)
-    tested = (f"test acc of its best checkpoint: {b['test_acc']:.3f} on {b['test_images']} images "
+    tested = (f"test acc of the picked checkpoint: {b['test_acc']:.3f} on {b['test_images']} images "
               f"(test used once, after the search)" if test_once else "test set not read")
     print(f"best trial {b['trial']}: lr {b['lr']:.3g}  freeze depth {b['freeze_depth']}  head x{b['head_lr_mult']:g}"
           f"  crop scale {b['crop_min_scale']:g}-1  eval crop {b['eval_crop_size'] or cfg.data.image_size}"
           f"  WiSE alpha {b['wise_alpha']:g}"
-          f"  val acc {b['val_acc']:.3f} (epoch {b['epoch']})\n{tested}\n"
+          f"  val acc {b['val_acc']:.3f}" + (f" loss {b['val_loss']:.3f}" if b["val_loss"] is not None else "")
+          + f" (epoch {b['epoch']})\n{tested}\n"
           f"checkpoint: {b['checkpoint']}\nsummary: {storage.join(exp_dir, 'best.json')}\n"
           f"wall time {summary['wall_time_s']:.1f} s", flush=True)
     return summary
 
 
 def format_trials(trials: list[dict]) -> str:
-    lines = [f"{'trial':<34} {'lr':>9} {'freeze':>6} {'head x':>6} {'crop':>5} {'epochs':>6} {'best val':>8} "
-             f"{'alpha':>5}  status"]
+    """The trial table; val acc / val loss are at the epoch the search judged a trial by."""
+    lines = [f"{'trial':<34} {'lr':>9} {'freeze':>6} {'head x':>6} {'crop':>5} {'epochs':>6} {'best acc':>8} "
+             f"{'val acc':>7} {'loss':>6} {'alpha':>5}  status"]
     for t in trials:
-        acc = f"{t['best_val_acc']:.3f}" if t["best_val_acc"] is not None else "-"
-        crop = f"{t['crop_min_scale']:g}" if "crop_min_scale" in t else "-"  # searches saved before the field
+        best = f"{t['best_val_acc']:.3f}" if t["best_val_acc"] is not None else "-"
+        # searches saved before a field was added lack it
+        crop = f"{t['crop_min_scale']:g}" if "crop_min_scale" in t else "-"
+        acc = t.get("val_acc", t["best_val_acc"])
+        acc = f"{acc:.3f}" if acc is not None else "-"
+        loss = f"{t['val_loss']:.3f}" if t.get("val_loss") is not None else "-"
+        alpha = t.get("wise_alpha", 1.0)
         status = "error" if t["error"] else ("stopped by ASHA" if t["stopped_early"] else "completed")
         lines.append(f"{t['trial'][:34]:<34} {t['lr']:>9.2e} {t['freeze_depth']:>6} {t['head_lr_mult']:>6g} "
-                     f"{crop:>5} {t['epochs']:>6} {acc:>8} {t.get('wise_alpha', 1.0):>5g}  {status}")
+                     f"{crop:>5} {t['epochs']:>6} {best:>8} {acc:>7} {loss:>6} {alpha:>5g}  {status}")
     return "\n".join(lines)

@@ -200,12 +200,13 @@ class EpochRunner:
 
     @torch.no_grad()
     def evaluate(self, shard, split: str = "test") -> dict:
-        """Accuracy at model.wise_alpha; or, offering alphas (search trials), the best of them (the
-        first listed among ties) as f"{split}_acc", with the alpha and every alpha's accuracy.
-        One pass over the data: each batch is scored at every alpha."""
+        """Accuracy and cross-entropy at model.wise_alpha; or, offering alphas (search trials), those
+        of the alpha best by tune.select_metric (the first listed among ties), with the alpha and
+        every alpha's scores. One pass over the data: each batch is scored at every alpha."""
         alphas = self.offered_alphas or [self.cfg.model.wise_alpha]
         self.model.eval()
-        stats = torch.zeros(len(alphas), 2, dtype=torch.float64, device=self.device)  # per alpha: correct, count
+        # per alpha: correct, count, summed cross-entropy of the (mirror-averaged) probabilities
+        stats = torch.zeros(len(alphas), 3, dtype=torch.float64, device=self.device)
         with self.interpolated_weights() as set_alpha:
             current = 1.0
             for batch in self._batches(shard) if shard is not None else ():
@@ -217,12 +218,18 @@ class EpochRunner:
                     probs = class_probabilities(self.model, x, mirror=self.cfg.data.eval_flip, bf16=self.bf16)
                     stats[i, 0] += (probs.argmax(1) == y).sum()
                     stats[i, 1] += y.numel()
-        accs = [correct / max(count, 1) for correct, count in _all_reduce(stats).tolist()]
-        metrics = {f"{split}_acc": accs[0], f"{split}_images": int(stats[0, 1])}
+                    stats[i, 2] -= probs.gather(1, y[:, None]).clamp_min(1e-12).log().sum()
+        rows = _all_reduce(stats).tolist()
+        accs = [correct / max(count, 1) for correct, count, _ in rows]
+        losses = [loss / max(count, 1) for _, count, loss in rows]
+        best = 0
+        if self.offered_alphas:  # the first among ties
+            best = int(np.argmin(losses)) if self.cfg.tune.select_metric == "loss" else int(np.argmax(accs))
+        metrics = {f"{split}_acc": accs[best], f"{split}_loss": losses[best], f"{split}_images": int(rows[0][1])}
         if self.offered_alphas:
-            best = int(np.argmax(accs))  # the first among ties
-            metrics.update({f"{split}_acc": accs[best], "wise_alpha": float(alphas[best]),
-                            f"{split}_acc_by_wise_alpha": {f"{a:g}": acc for a, acc in zip(alphas, accs, strict=True)}})
+            metrics.update({"wise_alpha": float(alphas[best]),
+                            f"{split}_acc_by_wise_alpha": {f"{a:g}": v for a, v in zip(alphas, accs, strict=True)},
+                            f"{split}_loss_by_wise_alpha": {f"{a:g}": v for a, v in zip(alphas, losses, strict=True)}})
         return metrics
 
     def state_dict(self) -> dict:

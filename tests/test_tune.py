@@ -72,40 +72,51 @@ def test_search_selects_on_validation_and_uses_test_once(search, tiny_dataset):
     trials = summary["trials"]
     assert len(trials) == 4 and all(not t["error"] for t in trials)
     assert all(1e-5 <= t["lr"] <= 3e-3 and 0 <= t["freeze_depth"] <= 3 for t in trials)
-    # Every stop is ASHA's (grace 1, reduction 2, max_t = epochs) on the reported val_acc curves.
-    # Whether a tiny search stops anything depends on how training went (trials often tie at 1.0),
-    # so the test checks the decisions, not their number.
+    # Every stop is ASHA's (grace 1, reduction 2, max_t = epochs) on the reported val_loss curves
+    # (tune.select_metric 'loss': lower is better, so the replay ranks the negated losses).
+    # Whether a tiny search stops anything depends on how training went, so the test checks the
+    # decisions, not their number.
+    assert summary["metric"] == "val_loss"
     in_order = sorted(trials, key=lambda t: t["trial"])  # one trial at a time here: ids are run order
-    assert [t["stopped_early"] for t in in_order] == asha_stops([t["val_acc_curve"] for t in in_order], 1, 2, 3)
+    curves = [[-x for x in t["val_loss_curve"]] for t in in_order]
+    assert [t["stopped_early"] for t in in_order] == asha_stops(curves, 1, 2, 3)
     assert any(t["epochs"] == 3 for t in trials)
     best = summary["best"]
-    assert best["val_acc"] == max(t["best_val_acc"] for t in trials)
+    # Judged by the last epoch (tune.select_epoch 'last', what the retrain reproduces): trials that
+    # ran every epoch rank first, by their last val_loss, and the pick is the last checkpoint.
+    assert all(t["val_loss"] == t["val_loss_curve"][-1] and t["selected_epoch"] == t["epochs"] for t in trials)
+    finished = [t for t in trials if t["epochs"] == 3]
+    assert best["trial"] in [t["trial"] for t in finished] and best["epoch"] == 3
+    assert best["val_loss"] == min(t["val_loss"] for t in finished) == trials[0]["val_loss"]
     assert best["test_images"] == 24 and 0 <= best["test_acc"] <= 1
     assert best["config"]["optim"]["lr"] == best["lr"]
     assert all(t["crop_min_scale"] in (0.25, 0.5) for t in trials)
     assert best["config"]["data"]["crop_min_scale"] == best["crop_min_scale"]
     assert best["checkpoint"].startswith("s3://runs/tune/search/trials/")
-    # The eval crop: chosen after the search on val by the best checkpoint, ties to the first listed.
-    scores = best["val_acc_by_eval_crop"]
-    assert list(scores) == ["0", "56"] and best["eval_crop_size"] == int(max(scores, key=scores.get))
+    # The eval crop: chosen after the search on val by the pick's loss, ties to the first listed.
+    losses = best["val_loss_by_eval_crop"]
+    assert list(losses) == list(best["val_acc_by_eval_crop"]) == ["0", "56"]
+    assert best["eval_crop_size"] == int(min(losses, key=losses.get))
     assert best["config"]["data"]["eval_crop_size"] == best["eval_crop_size"]
-    # WiSE-FT's alpha: every trial scored each alpha every epoch and reported the best (ties: the
-    # first listed) as val_acc, so the checkpoint and its alpha were chosen together; test is scored with it.
-    scores = best["val_acc_by_wise_alpha"]
-    assert list(scores) == ["1", "0.5"] and best["wise_alpha"] == float(max(scores, key=scores.get))
-    assert best["val_acc"] == max(scores.values())
+    # WiSE-FT's alpha: every trial scored each alpha every epoch and reported the one of lowest loss
+    # (ties: the first listed), so the checkpoint and its alpha were chosen together; test is scored with it.
+    accs, losses = best["val_acc_by_wise_alpha"], best["val_loss_by_wise_alpha"]
+    assert list(accs) == list(losses) == ["1", "0.5"] and best["wise_alpha"] == float(min(losses, key=losses.get))
+    assert best["val_loss"] == min(losses.values()) and best["val_acc"] == accs[f"{best['wise_alpha']:g}"]
     assert best["config"]["model"]["wise_alpha"] == best["wise_alpha"]
     assert all(t["wise_alpha"] in (1.0, 0.5) for t in trials)
     # Those scores are the checkpoint's own: its weights interpolated as reported, on the val images.
     val_files = data.stratified_split(data.scan_image_folder(tiny_dataset), cfg.tune.val_fraction,
                                       seed=cfg.optim.seed).files["val"]
+    labels = np.array([y for _, y in val_files])
     fs, path = storage.resolve(best["checkpoint"])
     with Checkpoint(path, filesystem=fs).as_directory() as d:
-        for alpha, reported in scores.items():
+        for alpha, reported in accs.items():
             clf = Classifier(d, wise_alpha=float(alpha))
-            images = np.stack([clf.prepare(open(path, "rb").read()) for path, _ in val_files])
-            acc = float((clf.probabilities(images).argmax(1) == np.array([y for _, y in val_files])).mean())
-            assert acc == pytest.approx(reported, abs=1e-9), alpha
+            probs = clf.probabilities(np.stack([clf.prepare(open(path, "rb").read()) for path, _ in val_files]))
+            assert float((probs.argmax(1) == labels).mean()) == pytest.approx(reported, abs=1e-9), alpha
+            loss = float(-np.log(probs[np.arange(len(labels)), labels]).mean())
+            assert loss == pytest.approx(losses[alpha], rel=1e-4, abs=1e-6), alpha
     saved = json.loads(storage.read_bytes("s3://runs/tune/search/best.json"))
     assert saved["best"] == best
     # The final model: the best config retrained on train + val (54 + 10 images), test reported as is.
@@ -237,3 +248,21 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
 
     page = open(build_report(str(tmp_path / "runs" / "exp" / "tune"))).read()
     assert "test set not read" in page and "confusion matrix" not in page and "WiSE-FT alpha 0.5" in page
+
+
+def test_trials_rank_by_the_epoch_and_metric_the_search_judges():
+    from pipeline.config import Config
+    from pipeline.search import rank_key
+
+    cfg = Config()
+    cfg.optim.epochs = 3
+    stopped = {"epochs": 1, "val_loss": 0.2, "val_acc": 0.9}
+    finished = {"epochs": 3, "val_loss": 0.3, "val_acc": 0.7}
+    assert rank_key(finished, cfg) > rank_key(stopped, cfg)  # 'last': a trial stopped early is no rival
+    assert rank_key({**finished, "val_loss": 0.25}, cfg) > rank_key(finished, cfg)  # 'loss': lower is better
+    assert rank_key({**finished, "val_loss": None}, cfg) < rank_key(finished, cfg)
+    cfg.tune.select_epoch = "best"
+    assert rank_key(stopped, cfg) > rank_key(finished, cfg)
+    cfg.tune.select_metric = "accuracy"
+    worse = {**stopped, "val_acc": 0.6}
+    assert rank_key({**finished, "val_acc": 0.8}, cfg) > rank_key(finished, cfg) > rank_key(worse, cfg)
