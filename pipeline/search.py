@@ -2,9 +2,10 @@
 
 Each trial is a function that builds its own TorchTrainer (data-parallel over its own workers)
 and forwards the per-epoch reports to Tune through TuneReportCallback. Trials report validation
-accuracy on a stratified split carved from train (with tune.wise_alphas: the best over those WiSE-FT
-alphas, scored every epoch); ASHA stops the weak ones; the pick (by default the last checkpoint of the
-trial that ended best: what a retrain reproduces) is evaluated once on the untouched test set.
+accuracy and loss on a stratified split carved from train (with tune.wise_alphas: at the best of
+those WiSE-FT alphas by tune.select_metric, scored every epoch); ASHA stops the weak ones on that
+score; the pick (by default the last checkpoint of the trial that ended best: what a retrain
+reproduces) is evaluated once on the untouched test set.
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ def _trial(params: dict, *, base: dict, prep: Prepared, fs, path: str) -> None:
 
 
 def trial_summary(result: tune.Result, cfg: Config) -> dict:
-    """One trial's config, val_acc curve and the score the search ranks it by: val_acc at its
-    tune.select_epoch epoch, with that epoch's WiSE-FT alpha (the best of tune.wise_alphas there)."""
+    """One trial's config, its val_acc and val_loss curves, and the scores the search ranks it by:
+    those at its tune.select_epoch epoch, with that epoch's WiSE-FT alpha (the best of
+    tune.wise_alphas there)."""
     df = result.metrics_dataframe
     accs = df["val_acc"].tolist() if df is not None and "val_acc" in df else []
     # Searches saved before trials reported a loss have none: they ranked by accuracy.
@@ -107,7 +109,7 @@ def trial_summary(result: tune.Result, cfg: Config) -> dict:
 
 def rank_key(trial: dict, cfg: Config) -> tuple:
     """Higher is better. Judged by its last epoch, a trial that ASHA stopped early is no rival to one
-    that ran every epoch: its last val_acc is of a model trained for fewer epochs than the pick will be."""
+    that ran every epoch: its last score is of a model trained for fewer epochs than the pick will be."""
     ran_every_epoch = trial["epochs"] == cfg.optim.epochs or cfg.tune.select_epoch == "best"
     metric, mode = objective(cfg)
     score = trial[metric]
@@ -118,8 +120,8 @@ def rank_key(trial: dict, cfg: Config) -> tuple:
 
 def evaluate_checkpoint(checkpoint, dataset: ray.data.Dataset, classes: list[str], keep_wrong: int = 16,
                         wise_alpha: float | None = None) -> dict:
-    """Accuracy, confusion matrix and a few misclassified images of a checkpoint on a decoded split
-    (wise_alpha: instead of the run's model.wise_alpha)."""
+    """Accuracy, mean cross-entropy, confusion matrix and a few misclassified images of a checkpoint
+    on a decoded split (wise_alpha: instead of the run's model.wise_alpha)."""
     from pipeline.inference import Classifier
 
     with checkpoint.as_directory() as d:
@@ -138,8 +140,7 @@ def evaluate_classifier(clf, dataset: ray.data.Dataset, classes: list[str], keep
         for i in np.flatnonzero(pred != batch["label"])[:max(0, keep_wrong - len(wrong))]:
             wrong.append((batch["image"][i], int(batch["label"][i]), int(pred[i])))
     return {"accuracy": float(np.trace(conf) / max(conf.sum(), 1)), "loss": loss_sum / max(conf.sum(), 1),
-            "confusion": conf.tolist(),
-            "images": int(conf.sum()), "misclassified": wrong}
+            "confusion": conf.tolist(), "images": int(conf.sum()), "misclassified": wrong}
 
 
 def select_eval_crop(cfg: Config, prep: Prepared, checkpoint) -> tuple[dict, int]:
