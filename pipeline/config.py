@@ -189,6 +189,10 @@ class SearchConfig:
     retrain: bool = _f(False, "After the search, train the best config once more on train + validation "
                        "(the final model; its last epoch's test accuracy is reported).")
 
+    def objective(self) -> tuple[str, str]:
+        """(metric, mode) trials are scored by on the validation split: select_metric as Tune names it."""
+        return ("val_loss", "min") if self.select_metric == "loss" else ("val_acc", "max")
+
 
 # What experiment.tuned_recipe may change in the sections that decide the shared data and weights.
 RECIPE_LIMITS = {"data": {"batch_size", "crop_min_scale", "eval_flip"}, "model": {"freeze_depth"}}

@@ -247,8 +247,7 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
     res = prep.res
     # Checkpoints kept beside the latest: the best by test accuracy, or in a search trial by what the
     # search scores (tune.select_metric), so that a search judging best epochs finds its pick.
-    score, order = ((f"{eval_split}_loss", "min") if eval_split == "val" and cfg.tune.select_metric == "loss"
-                    else (f"{eval_split}_acc", "max"))
+    score, order = cfg.tune.objective() if eval_split == "val" else (f"{eval_split}_acc", "max")
     # Ray Train's default is the driver's options; copied here rather than through
     # DataConfig.default_ingest_options, which passes the deprecated exclude_resources along.
     ingest = copy.deepcopy(ray.data.DataContext.get_current().execution_options)

@@ -37,11 +37,6 @@ from pipeline.runner import (
 )
 
 
-def objective(cfg: Config) -> tuple[str, str]:
-    """(metric, mode) the search scores trials by: tune.select_metric on the validation split."""
-    return ("val_loss", "min") if cfg.tune.select_metric == "loss" else ("val_acc", "max")
-
-
 def search_space(cfg: Config) -> dict:
     t = cfg.tune
     depth = len(STAGES[cfg.model.arch]) if t.max_freeze_depth < 0 else t.max_freeze_depth
@@ -89,7 +84,7 @@ def trial_summary(result: tune.Result, cfg: Config) -> dict:
     # Searches saved before trials reported a loss have none: they ranked by accuracy.
     losses = df["val_loss"].tolist() if accs and "val_loss" in df else [None] * len(accs)
     alphas = df["wise_alpha"].tolist() if accs and "wise_alpha" in df else [1.0] * len(accs)
-    metric, mode = objective(cfg)
+    metric, mode = cfg.tune.objective()
     scores = accs if metric == "val_acc" else losses
     at = None
     if accs:
@@ -111,7 +106,7 @@ def rank_key(trial: dict, cfg: Config) -> tuple:
     """Higher is better. Judged by its last epoch, a trial that ASHA stopped early is no rival to one
     that ran every epoch: its last score is of a model trained for fewer epochs than the pick will be."""
     ran_every_epoch = trial["epochs"] == cfg.optim.epochs or cfg.tune.select_epoch == "best"
-    metric, mode = objective(cfg)
+    metric, mode = cfg.tune.objective()
     score = trial[metric]
     if score is None:
         return ran_every_epoch, -math.inf
@@ -150,7 +145,7 @@ def select_eval_crop(cfg: Config, prep: Prepared, checkpoint) -> tuple[dict, int
     objects larger than a center crop shows them, and a larger test crop can make up for it (FixRes)."""
     from pipeline.inference import Classifier
 
-    metric, mode = objective(cfg)
+    metric, mode = cfg.tune.objective()
     scores: dict = {"val_acc": {}, "val_loss": {}}
     with checkpoint.as_directory() as d:  # one download (from S3) for every size
         clf = Classifier(d, wise_alpha=cfg.model.wise_alpha)
@@ -186,7 +181,7 @@ def retrain_on_train_val(cfg: Config, prep: Prepared, exp_path: str, fs) -> dict
 def run_search(cfg: Config, test_once: bool = True) -> dict:
     """The search; test_once=False leaves the test set unread (a caller that evaluates elsewhere)."""
     t_start = time.perf_counter()
-    metric, mode = objective(cfg)
+    metric, mode = cfg.tune.objective()
     name = cfg.run.name or run_name(cfg).replace(cfg.model.arch, f"tune-{cfg.model.arch}", 1)
     exp_dir = storage.join(cfg.run.storage, name)
     begin(cfg)
