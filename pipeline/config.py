@@ -193,6 +193,11 @@ class SearchConfig:
         """(metric, mode) trials are scored by on the validation split: select_metric as Tune names it."""
         return ("val_loss", "min") if self.select_metric == "loss" else ("val_acc", "max")
 
+    def goodness(self, score: float) -> float:
+        """A score of the objective's metric turned higher-is-better (a loss negated), so that every
+        choice the search makes (epoch, trial, checkpoint, alpha, eval crop) is one max()."""
+        return -score if self.select_metric == "loss" else score
+
 
 # What experiment.tuned_recipe may change in the sections that decide the shared data and weights.
 RECIPE_LIMITS = {"data": {"batch_size", "crop_min_scale", "eval_flip"}, "model": {"freeze_depth"}}

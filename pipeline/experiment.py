@@ -116,21 +116,20 @@ def run_experiment(cfg: Config) -> dict:
             search_cfg.run.storage, search_cfg.run.name = exp_dir, "tune"
             search_cfg.tune.retrain = False
             summary = run_search(search_cfg, test_once=False)
-            tuned = {k: summary["best"][k]
-                     for k in ("lr", "freeze_depth", "head_lr_mult", "crop_min_scale", "eval_crop_size", "wise_alpha")}
-            extra = {"tuned": tuned, "recipe": cfg.experiment.tuned_recipe,
-                     "search_val_acc": summary["best"]["val_acc"], "search_wall_s": summary["wall_time_s"],
-                     "search_val_acc_by_eval_crop": summary["best"]["val_acc_by_eval_crop"],
-                     "search_val_acc_by_wise_alpha": summary["best"]["val_acc_by_wise_alpha"],
-                     "search_metric": summary["metric"], "search_val_loss": summary["best"]["val_loss"],
-                     "search_val_loss_by_eval_crop": summary["best"]["val_loss_by_eval_crop"],
-                     "search_val_loss_by_wise_alpha": summary["best"]["val_loss_by_wise_alpha"]}
+            best = summary["best"]
+            tuned = {k: best[k] for k in ("lr", "freeze_depth", "head_lr_mult", "crop_min_scale", "eval_crop_size",
+                                          "wise_alpha")}
+            # The pick's validation scores (the loss and accuracy it was chosen on), each as search_<name>.
+            extra = {"tuned": tuned, "recipe": cfg.experiment.tuned_recipe, "search_metric": summary["metric"],
+                     "search_wall_s": summary["wall_time_s"],
+                     **{f"search_{m}{by}": best[f"{m}{by}"] for m in ("val_acc", "val_loss")
+                        for by in ("", "_by_eval_crop", "_by_wise_alpha")}}
             eval_crop = tuned["eval_crop_size"] or search_cfg.data.image_size
             print(f"{row}: Tune selected lr {tuned['lr']:.3g}, freeze depth {tuned['freeze_depth']}, "
                   f"crop scale {tuned['crop_min_scale']:g}-1, eval crop {eval_crop}, "
                   f"WiSE alpha {tuned['wise_alpha']:g} "
-                  f"(val acc {summary['best']['val_acc']:.3f}, loss {summary['best']['val_loss']:.3f}, epoch "
-                  f"{summary['best']['epoch']}); training it on the full train split", flush=True)
+                  f"(val acc {best['val_acc']:.3f}, loss {best['val_loss']:.3f}, epoch "
+                  f"{best['epoch']}); training it on the full train split", flush=True)
         row_prep = dataclasses.replace(prep, source_ref=None) if row == "scratch" else prep
         if tuned:
             row_prep = with_eval_crop(prep, search_cfg, tuned["eval_crop_size"], splits=("test",))

@@ -84,12 +84,13 @@ def trial_summary(result: tune.Result, cfg: Config) -> dict:
     # Searches saved before trials reported a loss have none: they ranked by accuracy.
     losses = df["val_loss"].tolist() if accs and "val_loss" in df else [None] * len(accs)
     alphas = df["wise_alpha"].tolist() if accs and "wise_alpha" in df else [1.0] * len(accs)
-    metric, mode = cfg.tune.objective()
+    metric, _ = cfg.tune.objective()
     scores = accs if metric == "val_acc" else losses
     at = None
-    if accs:
-        best_epoch = np.argmin if mode == "min" else np.argmax
-        at = len(accs) - 1 if cfg.tune.select_epoch == "last" else int(best_epoch(scores))
+    if accs and cfg.tune.select_epoch == "last":
+        at = len(accs) - 1
+    elif accs:
+        at = int(np.argmax([cfg.tune.goodness(s) for s in scores]))
     return {"trial": result.metrics.get("trial_id", result.path.rstrip("/").rsplit("/", 1)[-1]),
             "lr": result.config["lr"], "freeze_depth": result.config["freeze_depth"],
             "head_lr_mult": result.config["head_lr_mult"],
@@ -106,11 +107,8 @@ def rank_key(trial: dict, cfg: Config) -> tuple:
     """Higher is better. Judged by its last epoch, a trial that ASHA stopped early is no rival to one
     that ran every epoch: its last score is of a model trained for fewer epochs than the pick will be."""
     ran_every_epoch = trial["epochs"] == cfg.optim.epochs or cfg.tune.select_epoch == "best"
-    metric, mode = cfg.tune.objective()
-    score = trial[metric]
-    if score is None:
-        return ran_every_epoch, -math.inf
-    return ran_every_epoch, -score if mode == "min" else score
+    score = trial[cfg.tune.objective()[0]]
+    return ran_every_epoch, -math.inf if score is None else cfg.tune.goodness(score)
 
 
 def evaluate_checkpoint(checkpoint, dataset: ray.data.Dataset, classes: list[str], keep_wrong: int = 16,
@@ -145,7 +143,7 @@ def select_eval_crop(cfg: Config, prep: Prepared, checkpoint) -> tuple[dict, int
     objects larger than a center crop shows them, and a larger test crop can make up for it (FixRes)."""
     from pipeline.inference import Classifier
 
-    metric, mode = cfg.tune.objective()
+    metric, _ = cfg.tune.objective()
     scores: dict = {"val_acc": {}, "val_loss": {}}
     with checkpoint.as_directory() as d:  # one download (from S3) for every size
         clf = Classifier(d, wise_alpha=cfg.model.wise_alpha)
@@ -154,7 +152,7 @@ def select_eval_crop(cfg: Config, prep: Prepared, checkpoint) -> tuple[dict, int
             r = evaluate_classifier(clf, val.dataset, prep.classes, keep_wrong=0)
             scores["val_acc"][size], scores["val_loss"][size] = r["accuracy"], r["loss"]
     by = scores[metric]
-    best = (min if mode == "min" else max)(by, key=by.get)  # dicts keep insertion order: ties go to the first
+    best = max(by, key=lambda size: cfg.tune.goodness(by[size]))  # dicts keep insertion order: ties go to the first
     print(f"eval crop on val, {metric}: " + ", ".join(f"{k or cfg.data.image_size}: {v:.3f}" for k, v in by.items())
           + f" -> {best or cfg.data.image_size}", flush=True)
     return {m: {str(k): v for k, v in d.items()} for m, d in scores.items()}, best
@@ -225,8 +223,7 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     if cfg.tune.select_epoch == "last":  # Ray Train keeps the latest checkpoint whatever num_to_keep says
         best_ckpt, best_metrics = train_run.checkpoint, train_run.metrics
     else:
-        best_ckpt, best_metrics = (min if mode == "min" else max)(train_run.best_checkpoints,
-                                                                  key=lambda cm: cm[1][metric])
+        best_ckpt, best_metrics = max(train_run.best_checkpoints, key=lambda cm: cfg.tune.goodness(cm[1][metric]))
     best_cfg = trial_config(cfg.to_dict(), best_trial)
     # The alpha was chosen with the checkpoint: the trial scored every alpha at every epoch.
     best_cfg.model.wise_alpha = float(best_metrics.get("wise_alpha", best_cfg.model.wise_alpha))

@@ -224,7 +224,8 @@ class EpochRunner:
         losses = [loss / max(count, 1) for _, count, loss in rows]
         best = 0
         if self.offered_alphas:  # the first among ties
-            best = int(np.argmin(losses)) if self.cfg.tune.select_metric == "loss" else int(np.argmax(accs))
+            scores = losses if self.cfg.tune.select_metric == "loss" else accs
+            best = int(np.argmax([self.cfg.tune.goodness(s) for s in scores]))
         metrics = {f"{split}_acc": accs[best], f"{split}_loss": losses[best], f"{split}_images": int(rows[0][1])}
         if self.offered_alphas:
             metrics.update({"wise_alpha": float(alphas[best]),
