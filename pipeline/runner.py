@@ -227,6 +227,21 @@ def with_light_cpu_claim(prep: Prepared) -> Prepared:
     return dataclasses.replace(prep, res=dataclasses.replace(prep.res, cpus_per_worker=0.25))
 
 
+# glibc hands every block above 32 MB back to the kernel when freed (mmap/munmap, whatever
+# mmap_threshold says), and Ray Train runs the loop in a thread whose malloc arena is a chain of
+# 64 MB heaps, trimmed with madvise: either way each step's activations are page-faulted and
+# zero-filled anew, and a third of a CPU worker's time went to the kernel. One arena (the main,
+# brk heap), no mmap and no trimming keep them. (glibc's MALLOC_*_ variables: a GLIBC_TUNABLES
+# value set the same way reached the worker with only its first tunable.)
+HEAP_REUSE_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+
+
+def worker_malloc_env(heap_reuse: bool) -> dict:
+    """The training workers' glibc malloc settings: read when a process starts, so they go in
+    the workers' runtime env. Nothing when heap_reuse is off (glibc's defaults)."""
+    return dict(HEAP_REUSE_ENV) if heap_reuse else {}
+
+
 def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, fs, eval_split: str = "test",
                  callbacks=None) -> TorchTrainer:
     """A TorchTrainer for cfg over the prepared data, evaluating on eval_split ('test' or 'val')."""
@@ -269,7 +284,8 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
             # Ray sets OMP_NUM_THREADS to the whole CPUs a worker holds (1 for 1.5) before torch
             # starts, and torch.set_num_threads cannot widen OpenMP's pool after that: measured
             # here, a 2-thread worker then trains at 19 img/s instead of 52.
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(res.torch_threads)}},
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(res.torch_threads),
+                                             **worker_malloc_env(cfg.scaling.heap_reuse)}},
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our epoch line says it all
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
