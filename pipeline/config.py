@@ -136,12 +136,14 @@ class ScalingConfig:
     precision: str = _f("auto", "'auto' (bf16 autocast on GPUs and CPUs that support it), 'bf16' or 'fp32'.",
                         flag="--precision")
     channels_last: bool = _f(True, "Use the channels_last memory format (faster convolutions).")
-    heap_reuse: bool = _f(True, "Training workers keep freed memory in glibc's heap (one arena, no mmap, no "
+    heap_reuse: bool = _f(False, "Training workers keep freed memory in glibc's heap (one arena, no mmap, no "
                           "trim) instead of unmapping every large block: a step's activations (hundreds of MB) "
                           "reuse pages rather than being mapped and zero-filled by the kernel again each step. "
                           "Measured on a 2-core CPU (MobileNetV2, batch 128): 20 -> 32 img/s in the pipeline, the "
-                          "worker's system time 60 -> 9 s over 3 epochs. A worker's memory stays at its peak. "
-                          "glibc only (ignored elsewhere); false: glibc's defaults.")
+                          "worker's system time 60 -> 9 s over 3 epochs. Off by default: a worker's memory stays at "
+                          "its peak, and a freed block that is the only one of its size may not be reused (glibc's "
+                          "aligned allocation asks for a little more), so such a heap grows by it every step. "
+                          "glibc only (ignored elsewhere).")
 
 
 @dataclass
