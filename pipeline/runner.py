@@ -233,6 +233,8 @@ def with_light_cpu_claim(prep: Prepared) -> Prepared:
 # zero-filled anew, and a third of a CPU worker's time went to the kernel. One arena (the main,
 # brk heap), no mmap and no trimming keep them. (glibc's MALLOC_*_ variables: a GLIBC_TUNABLES
 # value set the same way reached the worker with only its first tunable.)
+# Opt-in (scaling.heap_reuse): a block that is the only one of its size is never reused, so the heap
+# can grow by it every step.
 HEAP_REUSE_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)}
 
 
