@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.model import build_model, class_probabilities, interpolate_weights
+from pipeline.model import build_model, class_probabilities, evaluated_weights, interpolate_weights
 from pipeline.normalize import Normalizer
 from pipeline.train_loop import load_checkpoint, use_bf16
 from pipeline.transforms import ImagePreset
@@ -23,7 +23,7 @@ class Classifier:
         self.device = torch.device(device)
         self.model = build_model(state["arch"], len(self.classes))
         self.wise_alpha = self.config["model"].get("wise_alpha", 1.0) if wise_alpha is None else wise_alpha
-        weights = state["model"]
+        weights = evaluated_weights(state)
         if self.wise_alpha != 1:
             if "start_weights" not in state:
                 raise ValueError(f"wise_alpha {self.wise_alpha}: checkpoint {checkpoint_dir} holds no start weights "

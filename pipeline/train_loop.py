@@ -21,6 +21,7 @@ from torch import nn
 from pipeline.config import Config
 from pipeline.model import (
     SourceWeights,
+    WeightAverage,
     build_for_config,
     class_probabilities,
     interpolate_weights,
@@ -130,6 +131,8 @@ class EpochRunner:
         self.offered_alphas = list(cfg.tune.wise_alphas) if meta["eval_split"] == "val" else []
         keep = cfg.model.wise_alpha != 1 or any(a != 1 for a in self.offered_alphas)
         self.start_weights = trainable_weights(self.raw_model) if keep else None
+        half_life_steps = cfg.optim.ema_half_life * meta["steps_per_epoch"]
+        self.average = WeightAverage(self.raw_model, half_life_steps) if half_life_steps else None
         self.world = ray.train.get_context().get_world_size()
         self.local_batch = cfg.data.batch_size // self.world
         # Wall-clock times (start-up benchmarks): the first batch in hand, i.e. training begins,
@@ -169,6 +172,8 @@ class EpochRunner:
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
+            if self.average is not None:
+                self.average.update(self.raw_model)
             if not self.first_step_unix:
                 self.first_step_unix = time.time()
             stats += torch.stack([loss_sum.double(), (logits.argmax(1) == y).sum().double(),
@@ -178,37 +183,42 @@ class EpochRunner:
                 "train_images": int(count)}
 
     @contextlib.contextmanager
-    def interpolated_weights(self):
-        """Yields set_alpha(alpha), which puts WiSE-FT's start + alpha x (trained - start) into the
-        model. The trained weights are copied once and restored after. Without start weights
-        (runs that neither use nor offer an alpha) the only alpha is 1 and nothing is copied."""
-        if self.start_weights is None:
+    def evaluated_model(self):
+        """Yields set_alpha(alpha), which puts into the model WiSE-FT's start + alpha x (final - start),
+        final being the weight average (optim.ema_half_life) or else the trained weights. The trained
+        weights are copied once and put back after. Runs with neither an average nor start weights
+        (no alpha used or offered) evaluate the trained weights as they are: nothing is copied."""
+        if self.start_weights is None and self.average is None:
             yield lambda alpha: None
             return
         params = dict(self.raw_model.named_parameters())
-        trained = {n: params[n].detach().clone() for n in self.start_weights}
+        names = list(self.average.weights if self.average is not None else self.start_weights)
+        trained = {n: params[n].detach().clone() for n in names}
+        final = self.average.weights if self.average is not None else trained
 
         def set_alpha(alpha: float) -> None:
-            weights = trained if alpha == 1 else interpolate_weights(self.start_weights, trained, alpha)
-            for n in self.start_weights:
+            weights = final if alpha == 1 else interpolate_weights(self.start_weights, final, alpha)
+            for n in names:
                 params[n].copy_(weights[n])
 
         try:
             yield set_alpha
         finally:
-            set_alpha(1)
+            for n in names:
+                params[n].copy_(trained[n])
 
     @torch.no_grad()
     def evaluate(self, shard, split: str = "test") -> dict:
-        """Accuracy and cross-entropy at model.wise_alpha; or, offering alphas (search trials), those
-        of the alpha best by tune.select_metric (the first listed among ties), with the alpha and
-        every alpha's scores. One pass over the data: each batch is scored at every alpha."""
+        """Accuracy and cross-entropy of the evaluated model (the weight average, if kept) at
+        model.wise_alpha; or, offering alphas (search trials), those of the alpha best by
+        tune.select_metric (the first listed among ties), with the alpha and every alpha's scores.
+        One pass over the data: each batch is scored at every alpha."""
         alphas = self.offered_alphas or [self.cfg.model.wise_alpha]
         self.model.eval()
         # per alpha: correct, count, summed cross-entropy of the (mirror-averaged) probabilities
         stats = torch.zeros(len(alphas), 3, dtype=torch.float64, device=self.device)
-        with self.interpolated_weights() as set_alpha:
-            current = 1.0
+        with self.evaluated_model() as set_alpha:
+            current = None
             for batch in self._batches(shard) if shard is not None else ():
                 x, y = self.normalize(batch["image"]), batch["label"]
                 for i, alpha in enumerate(alphas):
@@ -238,6 +248,8 @@ class EpochRunner:
                  "scheduler": self.scheduler.state_dict()}
         if self.start_weights is not None:
             state["start_weights"] = self.start_weights
+        if self.average is not None:
+            state["ema"] = self.average.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -246,6 +258,8 @@ class EpochRunner:
         self.scheduler.load_state_dict(state["scheduler"])
         if "start_weights" in state:
             self.start_weights = {n: w.to(self.device) for n, w in state["start_weights"].items()}
+        if self.average is not None:
+            self.average.load_state_dict(state["ema"])
 
 
 def train_loop_per_worker(loop_config: dict) -> list:
@@ -261,6 +275,9 @@ def train_loop_per_worker(loop_config: dict) -> list:
     source = loop_config.get("source")
     runner = EpochRunner(cfg, meta, ray.get(source) if source is not None else None)
 
+    if rank == 0 and runner.average is not None:
+        say(f"weight average: half-life {cfg.optim.ema_half_life:g} epochs = "
+            f"{cfg.optim.ema_half_life * meta['steps_per_epoch']:g} steps, decay {runner.average.decay:.5f} per step")
     history: list = []
     start_epoch = 1
     checkpoint = ray.train.get_checkpoint()

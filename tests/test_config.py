@@ -55,6 +55,7 @@ def test_unknown_and_mistyped_keys_rejected(bad, field):
     ("scaling", "precision", "fp8", "auto, bf16, fp32"),
     ("optim", "loss_reduction", "avg", "mean, sum"),
     ("model", "wise_alpha", 1.5, "[0, 1]"),
+    ("optim", "ema_half_life", -1.0, "[0, 1000] epochs"),
     ("tune", "select_epoch", "first", "last, best"),
 ])
 def test_validation_names_field_value_and_choices(tmp_path, section, key, value, needle):

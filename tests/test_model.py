@@ -192,3 +192,42 @@ def test_interpolate_weights_is_wise_ft():
         assert torch.equal(mixed["0.weight"], trained["0.weight"])  # frozen: never left its start
         assert torch.equal(mixed["1.running_var"], trained["1.running_var"])
     assert torch.equal(interpolate_weights(start, trained, 0.0)["2.bias"], start["2.bias"])
+
+
+def test_weight_average_is_the_mean_then_has_its_half_life_and_round_trips():
+    """The average starts as the plain mean of the steps' weights (never the start weights); once
+    its window is full, half_life_steps updates toward fixed weights go halfway. Its state loads
+    into a fresh average; a checkpoint with it is evaluated at the average."""
+    from pipeline.model import WeightAverage, evaluated_weights
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    net[0].requires_grad_(False)
+    average = WeightAverage(net, half_life_steps=4)  # decay 0.84: a window of 6.3 steps
+    assert set(average.weights) == {"1.weight", "1.bias"}  # frozen weights need no average
+    seen = []
+    with torch.no_grad():
+        for _ in range(3):
+            net[1].weight.add_(1.0)
+            seen.append(net[1].weight.clone())
+            average.update(net)
+    assert torch.allclose(average.weights["1.weight"], torch.stack(seen).mean(0))
+    with torch.no_grad():
+        for _ in range(20):  # fill the window at fixed weights
+            average.update(net)
+        net[1].weight.add_(1.0)
+    before = average.weights["1.weight"].clone()
+    for _ in range(4):
+        average.update(net)
+    assert torch.allclose(average.weights["1.weight"], (before + net[1].weight) / 2)
+
+    fresh = WeightAverage(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)), half_life_steps=100)
+    fresh.load_state_dict(average.state_dict())
+    assert (fresh.decay, fresh.steps) == (average.decay, average.steps) == (0.5 ** 0.25, 27)
+    assert all(torch.equal(fresh.weights[n], average.weights[n]) for n in average.weights)
+
+    state = {"model": net.state_dict(), "ema": average.state_dict()}
+    evaluated = evaluated_weights(state)
+    assert torch.equal(evaluated["1.weight"], average.weights["1.weight"])
+    assert torch.equal(evaluated["0.weight"], net[0].weight)  # frozen: as trained
+    assert evaluated_weights({"model": state["model"]}) is state["model"]

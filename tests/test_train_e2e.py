@@ -24,7 +24,7 @@ def two_worker_run(ray_local, tiny_dataset, source_weights, tmp_path_factory):
     storage = str(tmp_path_factory.mktemp("runs"))
     cfg = config_from_args(build_parser().parse_args(
         ["train", "--data", tiny_dataset, "--workers", "2", "--epochs", "3", "--storage", storage,
-         "--name", "e2e", "--weights", source_weights, "--data.eval_flip", *TINY]))
+         "--name", "e2e", "--weights", source_weights, "--data.eval_flip", "--optim.ema_half_life", "0.5", *TINY]))
     return cfg, run_training(cfg)
 
 
@@ -51,8 +51,11 @@ def test_checkpoint_holds_config_and_reproduces_reported_accuracy(two_worker_run
     cfg, out = two_worker_run
     state = load_checkpoint(out.best_checkpoint)
     assert state["config"] == cfg.to_dict() and state["classes"] == ["hotdog", "not-hotdog"]
-    assert set(state) >= {"model", "optimizer", "scheduler", "epoch", "history", "mean", "std"}
+    assert set(state) >= {"model", "optimizer", "scheduler", "ema", "epoch", "history", "mean", "std"}
+    # The run evaluated its weight average (optim.ema_half_life), not the trained weights: so must the checkpoint.
+    assert not torch.equal(state["ema"]["weights"]["fc.weight"], state["model"]["fc.weight"])
     clf = Classifier(out.best_checkpoint)
+    assert torch.equal(clf.model.fc.weight, state["ema"]["weights"]["fc.weight"])
     assert clf.mirror  # evaluates as the run did: data.eval_flip
     index = data.scan_image_folder(tiny_dataset)
     images, labels = [], []
@@ -66,9 +69,9 @@ def test_checkpoint_holds_config_and_reproduces_reported_accuracy(two_worker_run
 
 
 def test_checkpoint_state_round_trip(two_worker_run, tmp_path):
-    """Saved optimizer/scheduler state loads into fresh objects and saves back identically."""
+    """Saved optimizer/scheduler/weight-average state loads into fresh objects and saves back identically."""
     from pipeline.config import Config
-    from pipeline.model import build_for_config, make_optimizer, make_scheduler
+    from pipeline.model import WeightAverage, build_for_config, make_optimizer, make_scheduler
 
     _, out = two_worker_run
     state = load_checkpoint(out.best_checkpoint)
@@ -79,7 +82,11 @@ def test_checkpoint_state_round_trip(two_worker_run, tmp_path):
     sched = make_scheduler(opt, cfg, steps_per_epoch=4)  # 32 rows per rank, 8 per local batch
     opt.load_state_dict(state["optimizer"])  # after the scheduler, as EpochRunner does
     sched.load_state_dict(state["scheduler"])
-    again = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+    average = WeightAverage(model, half_life_steps=cfg.optim.ema_half_life * 4)
+    average.load_state_dict(state["ema"])
+    again = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "ema": average.state_dict()}
+    assert again["ema"]["decay"] == state["ema"]["decay"] == 0.5 ** (1 / 2)
+    assert all(torch.equal(again["ema"]["weights"][n], w) for n, w in state["ema"]["weights"].items())
     assert torch.equal(again["optimizer"]["state"][0]["momentum_buffer"],
                        state["optimizer"]["state"][0]["momentum_buffer"])
     assert again["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
