@@ -182,9 +182,13 @@ class SearchConfig:
                                "listed). The eval crop does not change training, so it costs evaluations, not "
                                "trials. Empty: not searched.")
     wise_alphas: list = _f([], "model.wise_alpha values to choose from: every trial scores each on the validation "
-                           "split every epoch and reports the best by tune.select_metric (ties: the first listed), "
+                           "split every epoch and reports the one tune.wise_alpha_tolerance chooses, "
                            "so ASHA, the pick and its alpha are chosen on the model as it would be used. "
                            "Evaluations only, no extra trials. Empty: not searched.")
+    wise_alpha_tolerance: float = _f(1.0, "How alike two alphas' validation scores must be for the smaller alpha "
+                                     "(nearer the start weights) to be chosen, in standard errors of the best "
+                                     "alpha's score: the smallest alpha within that many of the best is taken "
+                                     "(the one-standard-error rule). 0: the best alpha (ties: the smaller).")
     select_metric: str = _f("loss", "What trials are scored by on the validation split (ASHA, the pick, its WiSE-FT "
                             "alpha and eval crop). 'loss': the mean cross-entropy, lower is better; on a split of "
                             "a few dozen images accuracy moves in steps of one image and ties, where the loss "
@@ -433,6 +437,8 @@ def validate(cfg: Config) -> Config:
     _check(all(x == 0 or 16 <= x <= d.resize_size for x in t.eval_crop_sizes), "tune.eval_crop_sizes",
            t.eval_crop_sizes, f"every value must be 0 (= image_size) or in 16..data.resize_size ({d.resize_size})")
     _check(all(0 <= x <= 1 for x in t.wise_alphas), "tune.wise_alphas", t.wise_alphas, "every value must be in [0, 1]")
+    _check(0 <= t.wise_alpha_tolerance <= 5, "tune.wise_alpha_tolerance", t.wise_alpha_tolerance,
+           "must be in [0, 5] standard errors")
     _check(t.select_metric in SELECT_METRICS, "tune.select_metric", t.select_metric,
            f"valid choices: {', '.join(SELECT_METRICS)}")
     _check(t.select_epoch in SELECT_EPOCHS, "tune.select_epoch", t.select_epoch,

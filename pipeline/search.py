@@ -2,8 +2,8 @@
 
 Each trial is a function that builds its own TorchTrainer (data-parallel over its own workers)
 and forwards the per-epoch reports to Tune through TuneReportCallback. Trials report validation
-accuracy and loss on a stratified split carved from train (with tune.wise_alphas: at the best of
-those WiSE-FT alphas by tune.select_metric, scored every epoch); ASHA stops the weak ones on that
+accuracy and loss on a stratified split carved from train (with tune.wise_alphas: at the WiSE-FT
+alpha tune.wise_alpha_tolerance chooses among them, scored every epoch); ASHA stops the weak ones on that
 score; the pick (by default the last checkpoint of the trial that ended best: what a retrain
 reproduces) is evaluated once on the untouched test set.
 """
@@ -77,8 +77,8 @@ def _trial(params: dict, *, base: dict, prep: Prepared, fs, path: str) -> None:
 
 def trial_summary(result: tune.Result, cfg: Config) -> dict:
     """One trial's config, its val_acc and val_loss curves, and the scores the search ranks it by:
-    those at its tune.select_epoch epoch, with that epoch's WiSE-FT alpha (the best of
-    tune.wise_alphas there)."""
+    those at its tune.select_epoch epoch, with that epoch's WiSE-FT alpha (of tune.wise_alphas,
+    the one tune.wise_alpha_tolerance chose there)."""
     df = result.metrics_dataframe
     accs = df["val_acc"].tolist() if df is not None and "val_acc" in df else []
     # Searches saved before trials reported a loss have none: they ranked by accuracy.
@@ -230,8 +230,9 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     wise_scores = best_metrics.get(f"{metric}_by_wise_alpha", {})
     if wise_scores:
         print(f"WiSE-FT alpha on val (the pick, epoch {best_metrics['epoch']}), {metric}: "
-              + ", ".join(f"{k}: {v:.3f}" for k, v in wise_scores.items()) + f" -> {best_cfg.model.wise_alpha:g}",
-              flush=True)
+              + ", ".join(f"{k}: {v:.3f}" for k, v in wise_scores.items())
+              + f" -> {best_cfg.model.wise_alpha:g} (the smallest within {best_metrics.get('wise_alpha_margin', 0):.3f}"
+              " of the best)", flush=True)
     eval_crops = {}
     if cfg.tune.eval_crop_sizes:
         eval_crops, best_cfg.data.eval_crop_size = select_eval_crop(best_cfg, prep, best_ckpt)
@@ -250,6 +251,7 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
                  "val_loss_by_eval_crop": eval_crops.get("val_loss", {}), "wise_alpha": best_cfg.model.wise_alpha,
                  "val_acc_by_wise_alpha": best_metrics.get("val_acc_by_wise_alpha", {}),
                  "val_loss_by_wise_alpha": best_metrics.get("val_loss_by_wise_alpha", {}),
+                 "wise_alpha_margin": best_metrics.get("wise_alpha_margin", 0.0),
                  "val_acc": best_metrics["val_acc"], "val_loss": best_metrics.get("val_loss"),
                  "epoch": best_metrics["epoch"], "test_acc": test["accuracy"], "test_images": test["images"],
                  "test_confusion": test["confusion"], "checkpoint": s3_uri(cfg.run.storage, best_ckpt.path)},

@@ -210,13 +210,15 @@ class EpochRunner:
     @torch.no_grad()
     def evaluate(self, shard, split: str = "test") -> dict:
         """Accuracy and cross-entropy of the evaluated model (the weight average, if kept) at
-        model.wise_alpha; or, offering alphas (search trials), those of the alpha best by
-        tune.select_metric (the first listed among ties), with the alpha and every alpha's scores.
-        One pass over the data: each batch is scored at every alpha."""
+        model.wise_alpha; or, offering alphas (search trials), those of the alpha chosen by
+        chosen_wise_alpha (tune.select_metric, tune.wise_alpha_tolerance), with the alpha, the
+        margin it was chosen within and every alpha's scores. One pass over the data: each batch
+        is scored at every alpha."""
         alphas = self.offered_alphas or [self.cfg.model.wise_alpha]
         self.model.eval()
-        # per alpha: correct, count, summed cross-entropy of the (mirror-averaged) probabilities
-        stats = torch.zeros(len(alphas), 3, dtype=torch.float64, device=self.device)
+        # per alpha: correct, count, and the sum and sum of squares of the per-image cross-entropy
+        # of the (mirror-averaged) probabilities: the squares give the loss's standard error
+        stats = torch.zeros(len(alphas), 4, dtype=torch.float64, device=self.device)
         with self.evaluated_model() as set_alpha:
             current = None
             for batch in self._batches(shard) if shard is not None else ():
@@ -226,19 +228,26 @@ class EpochRunner:
                         set_alpha(alpha)
                         current = alpha
                     probs = class_probabilities(self.model, x, mirror=self.cfg.data.eval_flip, bf16=self.bf16)
-                    stats[i, 0] += (probs.argmax(1) == y).sum()
-                    stats[i, 1] += y.numel()
-                    stats[i, 2] -= probs.gather(1, y[:, None]).clamp_min(1e-12).log().sum()
+                    nll = -probs.gather(1, y[:, None]).clamp_min(1e-12).log().double()
+                    stats[i] += torch.stack([(probs.argmax(1) == y).sum().double(),
+                                             torch.tensor(y.numel(), dtype=torch.float64, device=self.device),
+                                             nll.sum(), nll.square().sum()])
         rows = _all_reduce(stats).tolist()
-        accs = [correct / max(count, 1) for correct, count, _ in rows]
-        losses = [loss / max(count, 1) for _, count, loss in rows]
-        best = 0
-        if self.offered_alphas:  # the first among ties
-            scores = losses if self.cfg.tune.select_metric == "loss" else accs
-            best = int(np.argmax([self.cfg.tune.goodness(s) for s in scores]))
-        metrics = {f"{split}_acc": accs[best], f"{split}_loss": losses[best], f"{split}_images": int(rows[0][1])}
+        accs = [correct / max(count, 1) for correct, count, _, _ in rows]
+        losses = [loss / max(count, 1) for _, count, loss, _ in rows]
+        chosen, margin = 0, 0.0
         if self.offered_alphas:
-            metrics.update({"wise_alpha": float(alphas[best]),
+            n = max(rows[0][1], 1)
+            if self.cfg.tune.select_metric == "loss":
+                scores = losses
+                errors = [standard_error(loss, sq / n, n) for (_, _, _, sq), loss in zip(rows, losses, strict=True)]
+            else:
+                scores, errors = accs, [standard_error(acc, acc, n) for acc in accs]  # 0/1: E[x^2] = E[x]
+            chosen, margin = chosen_wise_alpha(alphas, scores, errors, self.cfg.tune.goodness,
+                                               self.cfg.tune.wise_alpha_tolerance)
+        metrics = {f"{split}_acc": accs[chosen], f"{split}_loss": losses[chosen], f"{split}_images": int(rows[0][1])}
+        if self.offered_alphas:
+            metrics.update({"wise_alpha": float(alphas[chosen]), "wise_alpha_margin": margin,
                             f"{split}_acc_by_wise_alpha": {f"{a:g}": v for a, v in zip(alphas, accs, strict=True)},
                             f"{split}_loss_by_wise_alpha": {f"{a:g}": v for a, v in zip(alphas, losses, strict=True)}})
         return metrics
@@ -260,6 +269,22 @@ class EpochRunner:
             self.start_weights = {n: w.to(self.device) for n, w in state["start_weights"].items()}
         if self.average is not None:
             self.average.load_state_dict(state["ema"])
+
+
+def standard_error(mean: float, mean_of_squares: float, n: float) -> float:
+    """The standard error of a mean of n per-image values, from their mean and mean square."""
+    return float(np.sqrt(max(mean_of_squares - mean * mean, 0.0) / max(n, 1)))
+
+
+def chosen_wise_alpha(alphas: list, scores: list, errors: list, goodness, tolerance: float) -> tuple[int, float]:
+    """(index, margin): the smallest alpha, the one nearest the start weights, whose score is within
+    margin = tolerance x the best score's standard error of the best.
+    The one-standard-error rule: on a validation split of a hundred images, alphas that close are
+    not told apart, and the model nearer the pretrained one is the more regularized choice."""
+    best = int(np.argmax([goodness(s) for s in scores]))
+    margin = tolerance * errors[best]
+    close = [i for i, s in enumerate(scores) if goodness(s) >= goodness(scores[best]) - margin]
+    return min(close, key=lambda i: (alphas[i], i)), float(margin)
 
 
 def train_loop_per_worker(loop_config: dict) -> list:

@@ -194,6 +194,24 @@ def test_interpolate_weights_is_wise_ft():
     assert torch.equal(interpolate_weights(start, trained, 0.0)["2.bias"], start["2.bias"])
 
 
+def test_wise_alpha_is_the_smallest_within_the_tolerance_of_the_best():
+    """The one-standard-error rule, for a loss (lower is better) and an accuracy (higher is better)."""
+    from pipeline.train_loop import chosen_wise_alpha, standard_error
+
+    alphas = [1.0, 0.8, 0.6, 0.5]
+    losses, errors = [0.157, 0.159, 0.175, 0.190], [0.030, 0.031, 0.033, 0.035]
+    neg = lambda s: -s  # noqa: E731
+    assert chosen_wise_alpha(alphas, losses, errors, neg, 1.0) == (2, pytest.approx(0.030))  # 0.175 <= 0.187
+    assert chosen_wise_alpha(alphas, losses, errors, neg, 0.0) == (0, 0.0)  # the best
+    assert chosen_wise_alpha(alphas, losses, errors, neg, 2.0)[0] == 3  # 0.190 <= 0.217
+    assert chosen_wise_alpha([0.5, 1.0], [0.9, 0.9], [0.0, 0.0], lambda s: s, 0.0)[0] == 0  # ties: the smaller
+    accs = [0.92, 0.90, 0.85, 0.84]
+    errs = [standard_error(a, a, 124) for a in accs]
+    assert errs[0] == pytest.approx((0.92 * 0.08 / 124) ** 0.5)
+    assert chosen_wise_alpha(alphas, accs, errs, lambda s: s, 1.0)[0] == 1  # 0.90 >= 0.92 - 0.024
+    assert standard_error(2.0, 4.0, 10) == 0.0  # no spread, no error
+
+
 def test_weight_average_is_the_mean_then_has_its_half_life_and_round_trips():
     """The average starts as the plain mean of the steps' weights (never the start weights); once
     its window is full, half_life_steps updates toward fixed weights go halfway. Its state loads
