@@ -182,13 +182,16 @@ class SearchConfig:
                                "listed). The eval crop does not change training, so it costs evaluations, not "
                                "trials. Empty: not searched.")
     wise_alphas: list = _f([], "model.wise_alpha values to choose from: every trial scores each on the validation "
-                           "split every epoch and reports the one tune.wise_alpha_tolerance chooses, "
+                           "split every epoch and reports the one tune.select_tolerance chooses, "
                            "so ASHA, the pick and its alpha are chosen on the model as it would be used. "
                            "Evaluations only, no extra trials. Empty: not searched.")
-    wise_alpha_tolerance: float = _f(1.0, "How alike two alphas' validation scores must be for the smaller alpha "
-                                     "(nearer the start weights) to be chosen, in standard errors of the best "
-                                     "alpha's score: the smallest alpha within that many of the best is taken "
-                                     "(the one-standard-error rule). 0: the best alpha (ties: the smaller).")
+    select_tolerance: float = _f(1.0, "The one-standard-error rule, in standard errors of the best validation score: "
+                                 "of the models scoring within that many of the best, the search takes the one "
+                                 "nearest the pretrained network. Within a trial's epoch: the smallest of "
+                                 "tune.wise_alphas; among the trials: the one whose evaluated weights moved least "
+                                 "from the start (weight_distance). On a hundred validation images such "
+                                 "differences are noise, and the model nearer the source is the more regularized. "
+                                 "0: the best score (ties: the smaller alpha, the first-ranked trial).")
     select_metric: str = _f("loss", "What trials are scored by on the validation split (ASHA, the pick, its WiSE-FT "
                             "alpha and eval crop). 'loss': the mean cross-entropy, lower is better; on a split of "
                             "a few dozen images accuracy moves in steps of one image and ties, where the loss "
@@ -437,7 +440,7 @@ def validate(cfg: Config) -> Config:
     _check(all(x == 0 or 16 <= x <= d.resize_size for x in t.eval_crop_sizes), "tune.eval_crop_sizes",
            t.eval_crop_sizes, f"every value must be 0 (= image_size) or in 16..data.resize_size ({d.resize_size})")
     _check(all(0 <= x <= 1 for x in t.wise_alphas), "tune.wise_alphas", t.wise_alphas, "every value must be in [0, 1]")
-    _check(0 <= t.wise_alpha_tolerance <= 5, "tune.wise_alpha_tolerance", t.wise_alpha_tolerance,
+    _check(0 <= t.select_tolerance <= 5, "tune.select_tolerance", t.select_tolerance,
            "must be in [0, 5] standard errors")
     _check(t.select_metric in SELECT_METRICS, "tune.select_metric", t.select_metric,
            f"valid choices: {', '.join(SELECT_METRICS)}")

@@ -122,6 +122,8 @@ def run_experiment(cfg: Config) -> dict:
             # The pick's validation scores (the loss and accuracy it was chosen on), each as search_<name>.
             extra = {"tuned": tuned, "recipe": cfg.experiment.tuned_recipe, "search_metric": summary["metric"],
                      "search_wall_s": summary["wall_time_s"], "search_wise_alpha_margin": best["wise_alpha_margin"],
+                     **{f"search_{k}": best[k] for k in ("trial", "best_scoring_trial", "trial_margin",
+                                                          "weight_distance")},
                      **{f"search_{m}{by}": best[f"{m}{by}"] for m in ("val_acc", "val_loss")
                         for by in ("", "_by_eval_crop", "_by_wise_alpha")}}
             eval_crop = tuned["eval_crop_size"] or search_cfg.data.image_size

@@ -33,6 +33,7 @@ def build_report(experiment: str) -> str:
     except (FileNotFoundError, OSError):
         wrong = b""
     tested = best.get("test_acc") is not None
+    top = best.get("best_scoring_trial", best["trial"])  # summaries older than the field: the pick
     sections = [
         f"<h1>Search {html.escape(summary['experiment'])}</h1>",
         f"<p>{len(trials)} trials selected on {summary['metric']} (stratified validation split); "
@@ -45,6 +46,9 @@ def build_report(experiment: str) -> str:
                                  "test set not read (a search inside <code>finetune experiment</code>, whose rows "
                                  "report test).")
         + f"<br>checkpoint: <code>{html.escape(best['checkpoint'])}</code></p>",
+        (f"<p>Picked over the best-scoring trial {html.escape(top)}: within "
+         f"{best['trial_margin']:.3f} (tune.select_tolerance standard errors) of its score, with weights "
+         "nearer the pretrained network.</p>" if top != best["trial"] else ""),
         (f"<p>Final model, the best config retrained on train + validation ({summary['final']['train_images']} "
          f"images): test acc {summary['final']['test_acc']:.3f}.</p>" if "final" in summary else ""),
         "<h2>Validation accuracy of every trial</h2>", _img(plots.trial_curves(trials), "trial curves"),

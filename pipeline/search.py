@@ -3,9 +3,10 @@
 Each trial is a function that builds its own TorchTrainer (data-parallel over its own workers)
 and forwards the per-epoch reports to Tune through TuneReportCallback. Trials report validation
 accuracy and loss on a stratified split carved from train (with tune.wise_alphas: at the WiSE-FT
-alpha tune.wise_alpha_tolerance chooses among them, scored every epoch); ASHA stops the weak ones on that
-score; the pick (by default the last checkpoint of the trial that ended best: what a retrain
-reproduces) is evaluated once on the untouched test set.
+alpha tune.select_tolerance chooses among them, scored every epoch); ASHA stops the weak ones on that
+score; the pick (by default the last checkpoint of a trial that ran every epoch: what a retrain
+reproduces; of those within tune.select_tolerance of the best, the one that moved least from the
+pretrained weights) is evaluated once on the untouched test set.
 """
 
 from __future__ import annotations
@@ -78,13 +79,17 @@ def _trial(params: dict, *, base: dict, prep: Prepared, fs, path: str) -> None:
 def trial_summary(result: tune.Result, cfg: Config) -> dict:
     """One trial's config, its val_acc and val_loss curves, and the scores the search ranks it by:
     those at its tune.select_epoch epoch, with that epoch's WiSE-FT alpha (of tune.wise_alphas,
-    the one tune.wise_alpha_tolerance chose there)."""
+    the one tune.select_tolerance chose there), the score's standard error and how far the
+    evaluated weights had moved from the start."""
     df = result.metrics_dataframe
+    metric, _ = cfg.tune.objective()
     accs = df["val_acc"].tolist() if df is not None and "val_acc" in df else []
     # Searches saved before trials reported a loss have none: they ranked by accuracy.
     losses = df["val_loss"].tolist() if accs and "val_loss" in df else [None] * len(accs)
     alphas = df["wise_alpha"].tolist() if accs and "wise_alpha" in df else [1.0] * len(accs)
-    metric, _ = cfg.tune.objective()
+    # Searches saved before trials reported them have neither: the pick is then the best-ranked trial.
+    errors = df[f"{metric}_se"].tolist() if accs and f"{metric}_se" in df else [None] * len(accs)
+    distances = df["weight_distance"].tolist() if accs and "weight_distance" in df else [None] * len(accs)
     scores = accs if metric == "val_acc" else losses
     at = None
     if accs and cfg.tune.select_epoch == "last":
@@ -99,6 +104,8 @@ def trial_summary(result: tune.Result, cfg: Config) -> dict:
             "selected_epoch": None if at is None else at + 1,
             "val_acc": None if at is None else accs[at], "val_loss": None if at is None else losses[at],
             "wise_alpha": 1.0 if at is None else float(alphas[at]),
+            f"{metric}_se": None if at is None else errors[at],
+            "weight_distance": None if at is None else distances[at],
             "val_acc_curve": accs, "val_loss_curve": losses, "stopped_early": 0 < len(accs) < cfg.optim.epochs,
             "error": str(result.error) if result.error else ""}
 
@@ -109,6 +116,23 @@ def rank_key(trial: dict, cfg: Config) -> tuple:
     ran_every_epoch = trial["epochs"] == cfg.optim.epochs or cfg.tune.select_epoch == "best"
     score = trial[cfg.tune.objective()[0]]
     return ran_every_epoch, -math.inf if score is None else cfg.tune.goodness(score)
+
+
+def pick_trial(trials: list[dict], cfg: Config) -> tuple[dict, float]:
+    """(the pick, margin) from trials ranked best first: of the trials that rank like the best
+    (ran every epoch, when judged by the last) and score within margin = tune.select_tolerance x the
+    best score's standard error of it, the one whose evaluated weights moved least from the start.
+    The best-ranked trial where it reported no standard error or distance, or the tolerance is 0."""
+    best = trials[0]
+    metric = cfg.tune.objective()[0]
+    error = best.get(f"{metric}_se")
+    if not cfg.tune.select_tolerance or error is None or best.get("weight_distance") is None:
+        return best, 0.0
+    margin = cfg.tune.select_tolerance * error
+    floor = cfg.tune.goodness(best[metric]) - margin
+    peers = [t for t in trials if rank_key(t, cfg)[0] == rank_key(best, cfg)[0] and t[metric] is not None
+             and cfg.tune.goodness(t[metric]) >= floor and t.get("weight_distance") is not None]
+    return min(peers, key=lambda t: t["weight_distance"]), margin  # min keeps the first-ranked among ties
 
 
 def evaluate_checkpoint(checkpoint, dataset: ray.data.Dataset, classes: list[str], keep_wrong: int = 16,
@@ -217,7 +241,12 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     grid = tuner.fit()
 
     trials = sorted((trial_summary(r, cfg) for r in grid), key=lambda t: rank_key(t, cfg), reverse=True)
-    best_trial = trials[0]
+    best_trial, trial_margin = pick_trial(trials, cfg)
+    if best_trial is not trials[0]:
+        top = trials[0]
+        print(f"pick: trial {best_trial['trial']} ({metric} {best_trial[metric]:.3f}, weights moved "
+              f"{best_trial['weight_distance']:.3f}) over the best-scoring {top['trial']} ({top[metric]:.3f}, "
+              f"moved {top['weight_distance']:.3f}): within {trial_margin:.3f} of it, nearer the start", flush=True)
     # Each trial's TorchTrainer run lives in <experiment>/trials/<trial id>.
     train_run = ray.train.Result.from_path(f"{exp_path}/trials/{best_trial['trial']}", storage_filesystem=fs)
     if cfg.tune.select_epoch == "last":  # Ray Train keeps the latest checkpoint whatever num_to_keep says
@@ -243,7 +272,8 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
             if test_once else {"accuracy": None, "confusion": None, "images": 0, "misclassified": []})
     summary = {
         "experiment": exp_dir, "metric": metric, "classes": prep.classes,
-        "best": {"trial": best_trial["trial"], "config": best_cfg.to_dict(),
+        "best": {"trial": best_trial["trial"], "config": best_cfg.to_dict(), "best_scoring_trial": trials[0]["trial"],
+                 "trial_margin": trial_margin, "weight_distance": best_trial.get("weight_distance"),
                  "lr": best_trial["lr"], "freeze_depth": best_trial["freeze_depth"],
                  "head_lr_mult": best_trial["head_lr_mult"], "crop_min_scale": best_trial["crop_min_scale"],
                  "eval_crop_size": best_cfg.data.eval_crop_size,
@@ -285,9 +315,10 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
 
 
 def format_trials(trials: list[dict]) -> str:
-    """The trial table; val acc / val loss are at the epoch the search judged a trial by."""
+    """The trial table; val acc / val loss / moved (weight distance from the start) are at the epoch
+    the search judged a trial by."""
     lines = [f"{'trial':<34} {'lr':>9} {'freeze':>6} {'head x':>6} {'crop':>5} {'epochs':>6} {'best acc':>8} "
-             f"{'val acc':>7} {'loss':>6} {'alpha':>5}  status"]
+             f"{'val acc':>7} {'loss':>6} {'alpha':>5} {'moved':>6}  status"]
     for t in trials:
         best = f"{t['best_val_acc']:.3f}" if t["best_val_acc"] is not None else "-"
         # searches saved before a field was added lack it
@@ -296,7 +327,8 @@ def format_trials(trials: list[dict]) -> str:
         acc = f"{acc:.3f}" if acc is not None else "-"
         loss = f"{t['val_loss']:.3f}" if t.get("val_loss") is not None else "-"
         alpha = t.get("wise_alpha", 1.0)
+        moved = f"{t['weight_distance']:.3f}" if t.get("weight_distance") is not None else "-"
         status = "error" if t["error"] else ("stopped by ASHA" if t["stopped_early"] else "completed")
         lines.append(f"{t['trial'][:34]:<34} {t['lr']:>9.2e} {t['freeze_depth']:>6} {t['head_lr_mult']:>6g} "
-                     f"{crop:>5} {t['epochs']:>6} {best:>8} {acc:>7} {loss:>6} {alpha:>5g}  {status}")
+                     f"{crop:>5} {t['epochs']:>6} {best:>8} {acc:>7} {loss:>6} {alpha:>5g} {moved:>6}  {status}")
     return "\n".join(lines)

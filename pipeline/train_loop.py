@@ -125,11 +125,14 @@ class EpochRunner:
         self.normalize = Normalizer(meta["mean"], meta["std"], cfg.scaling.channels_last).to(self.device)
         # WiSE-FT needs the start weights: to evaluate the interpolation, and in each checkpoint for
         # whoever loads it. Search trials (they evaluate on val) of a search that offers
-        # tune.wise_alphas score every alpha each epoch and report the best, so that ASHA and the
-        # checkpoint choice judge a trial by the model it would be used as. Runs that neither use
-        # nor offer an alpha keep no copy.
-        self.offered_alphas = list(cfg.tune.wise_alphas) if meta["eval_split"] == "val" else []
-        keep = cfg.model.wise_alpha != 1 or any(a != 1 for a in self.offered_alphas)
+        # tune.wise_alphas score every alpha each epoch and report the chosen one, so that ASHA and
+        # the checkpoint choice judge a trial by the model it would be used as; with
+        # tune.select_tolerance they also report how far their weights moved from the start. Runs
+        # that need neither keep no copy.
+        in_search = meta["eval_split"] == "val"
+        self.offered_alphas = list(cfg.tune.wise_alphas) if in_search else []
+        keep = (cfg.model.wise_alpha != 1 or any(a != 1 for a in self.offered_alphas)
+                or (in_search and cfg.tune.select_tolerance > 0))
         self.start_weights = trainable_weights(self.raw_model) if keep else None
         half_life_steps = cfg.optim.ema_half_life * meta["steps_per_epoch"]
         self.average = WeightAverage(self.raw_model, half_life_steps) if half_life_steps else None
@@ -208,12 +211,20 @@ class EpochRunner:
                 params[n].copy_(trained[n])
 
     @torch.no_grad()
+    def distance_from_start(self) -> float:
+        """L2 norm of (evaluated - start) over the trainable weights, at alpha 1: how far training
+        moved the model from the pretrained network (WiSE-FT's alpha scales it)."""
+        final = self.average.weights if self.average is not None else dict(self.raw_model.named_parameters())
+        return float(sum((final[n].double() - w.double()).square().sum() for n, w in self.start_weights.items()) ** 0.5)
+
+    @torch.no_grad()
     def evaluate(self, shard, split: str = "test") -> dict:
         """Accuracy and cross-entropy of the evaluated model (the weight average, if kept) at
         model.wise_alpha; or, offering alphas (search trials), those of the alpha chosen by
-        chosen_wise_alpha (tune.select_metric, tune.wise_alpha_tolerance), with the alpha, the
-        margin it was chosen within and every alpha's scores. One pass over the data: each batch
-        is scored at every alpha."""
+        chosen_wise_alpha (tune.select_metric, tune.select_tolerance), with the alpha, the
+        margin it was chosen within and every alpha's scores. With the start weights kept, also the
+        scores' standard errors and the evaluated model's distance from the start. One pass over the
+        data: each batch is scored at every alpha."""
         alphas = self.offered_alphas or [self.cfg.model.wise_alpha]
         self.model.eval()
         # per alpha: correct, count, and the sum and sum of squares of the per-image cross-entropy
@@ -235,17 +246,18 @@ class EpochRunner:
         rows = _all_reduce(stats).tolist()
         accs = [correct / max(count, 1) for correct, count, _, _ in rows]
         losses = [loss / max(count, 1) for _, count, loss, _ in rows]
+        n = max(rows[0][1], 1)
+        loss_errors = [standard_error(loss, sq / n, n) for (_, _, _, sq), loss in zip(rows, losses, strict=True)]
+        acc_errors = [standard_error(acc, acc, n) for acc in accs]  # correct is 0/1: E[x^2] = E[x]
         chosen, margin = 0, 0.0
         if self.offered_alphas:
-            n = max(rows[0][1], 1)
-            if self.cfg.tune.select_metric == "loss":
-                scores = losses
-                errors = [standard_error(loss, sq / n, n) for (_, _, _, sq), loss in zip(rows, losses, strict=True)]
-            else:
-                scores, errors = accs, [standard_error(acc, acc, n) for acc in accs]  # 0/1: E[x^2] = E[x]
+            scores, errors = (losses, loss_errors) if self.cfg.tune.select_metric == "loss" else (accs, acc_errors)
             chosen, margin = chosen_wise_alpha(alphas, scores, errors, self.cfg.tune.goodness,
-                                               self.cfg.tune.wise_alpha_tolerance)
+                                               self.cfg.tune.select_tolerance)
         metrics = {f"{split}_acc": accs[chosen], f"{split}_loss": losses[chosen], f"{split}_images": int(rows[0][1])}
+        if self.start_weights is not None:
+            metrics.update({f"{split}_acc_se": acc_errors[chosen], f"{split}_loss_se": loss_errors[chosen],
+                            "weight_distance": float(alphas[chosen]) * self.distance_from_start()})
         if self.offered_alphas:
             metrics.update({"wise_alpha": float(alphas[chosen]), "wise_alpha_margin": margin,
                             f"{split}_acc_by_wise_alpha": {f"{a:g}": v for a, v in zip(alphas, accs, strict=True)},

@@ -14,6 +14,7 @@ from pipeline.cli import build_parser
 from pipeline.config import config_from_args
 from pipeline.experiment import run_experiment
 from pipeline.inference import Classifier
+from pipeline.model import evaluated_weights
 from pipeline.search import run_search
 from pipeline.train_loop import load_checkpoint
 
@@ -85,9 +86,17 @@ def test_search_selects_on_validation_and_uses_test_once(search, tiny_dataset):
     # Judged by the last epoch (tune.select_epoch 'last', what the retrain reproduces): trials that
     # ran every epoch rank first, by their last val_loss, and the pick is the last checkpoint.
     assert all(t["val_loss"] == t["val_loss_curve"][-1] and t["selected_epoch"] == t["epochs"] for t in trials)
+    # Of the trials that ran every epoch and scored within one standard error of the best
+    # (tune.select_tolerance 1), the pick is the one whose weights moved least from the start.
     finished = [t for t in trials if t["epochs"] == 3]
     assert best["trial"] in [t["trial"] for t in finished] and best["epoch"] == 3
-    assert best["val_loss"] == min(t["val_loss"] for t in finished) == trials[0]["val_loss"]
+    assert trials[0]["val_loss"] == min(t["val_loss"] for t in finished)
+    assert best["best_scoring_trial"] == trials[0]["trial"]
+    assert best["trial_margin"] == pytest.approx(trials[0]["val_loss_se"])  # 0 where every image's loss is 0
+    peers = [t for t in finished if t["val_loss"] <= trials[0]["val_loss"] + best["trial_margin"]]
+    picked = min(peers, key=lambda t: t["weight_distance"])
+    assert best["trial"] == picked["trial"] and best["val_loss"] == picked["val_loss"]
+    assert best["weight_distance"] == picked["weight_distance"] > 0
     assert best["test_images"] == 24 and 0 <= best["test_acc"] <= 1
     assert best["config"]["optim"]["lr"] == best["lr"]
     assert all(t["crop_min_scale"] in (0.25, 0.5) for t in trials)
@@ -114,6 +123,11 @@ def test_search_selects_on_validation_and_uses_test_once(search, tiny_dataset):
     labels = np.array([y for _, y in val_files])
     fs, path = storage.resolve(best["checkpoint"])
     with Checkpoint(path, filesystem=fs).as_directory() as d:
+        state = load_checkpoint(d)  # the distance: alpha x |evaluated - start| over the trained weights
+        weights = evaluated_weights(state)
+        moved = sum(float((weights[n].double() - w.double()).square().sum())
+                    for n, w in state["start_weights"].items()) ** 0.5
+        assert best["weight_distance"] == pytest.approx(best["wise_alpha"] * moved, rel=1e-6)
         for alpha, reported in accs.items():
             clf = Classifier(d, wise_alpha=float(alpha))
             probs = clf.probabilities(np.stack([clf.prepare(open(path, "rb").read()) for path, _ in val_files]))
@@ -271,3 +285,28 @@ def test_trials_rank_by_the_epoch_and_metric_the_search_judges():
     cfg.tune.select_metric = "accuracy"
     worse = {**stopped, "val_acc": 0.6}
     assert rank_key({**finished, "val_acc": 0.8}, cfg) > rank_key(finished, cfg) > rank_key(worse, cfg)
+
+
+def test_the_pick_is_the_trial_nearest_the_start_within_one_standard_error_of_the_best():
+    from pipeline.config import Config
+    from pipeline.search import pick_trial, rank_key
+
+    cfg = Config()
+    cfg.optim.epochs = 10
+    # This session's seefood search, AMD box: trial 6 scored best, trial 0 within one standard
+    # error of it with its weights moved less than half as far; trial 7 was stopped by ASHA.
+    t6 = {"trial": "t6", "epochs": 10, "val_loss": 0.177, "val_loss_se": 0.040, "weight_distance": 0.637}
+    t0 = {"trial": "t0", "epochs": 10, "val_loss": 0.186, "val_loss_se": 0.045, "weight_distance": 0.279}
+    t7 = {"trial": "t7", "epochs": 8, "val_loss": 0.192, "val_loss_se": 0.045, "weight_distance": 0.2}
+    far = {"trial": "far", "epochs": 10, "val_loss": 0.25, "val_loss_se": 0.05, "weight_distance": 0.1}
+    trials = sorted([t7, far, t0, t6], key=lambda t: rank_key(t, cfg), reverse=True)
+    assert trials[0] is t6
+    pick, margin = pick_trial(trials, cfg)
+    assert pick is t0 and margin == pytest.approx(0.040)  # t7: stopped early; far: 0.25 > 0.217
+    cfg.tune.select_tolerance = 0.0
+    assert pick_trial(trials, cfg) == (t6, 0.0)
+    cfg.tune.select_tolerance = 2.0
+    assert pick_trial(trials, cfg)[0] is far  # 0.25 <= 0.257
+    # Searches saved before trials reported a standard error and a distance: the best-ranked trial.
+    old = [{k: v for k, v in t.items() if k not in ("val_loss_se", "weight_distance")} for t in trials]
+    assert pick_trial(old, cfg) == (old[0], 0.0)
