@@ -25,6 +25,7 @@ from pipeline import plots, storage
 from pipeline.config import Config, with_changes
 from pipeline.model import STAGES
 from pipeline.runner import Prepared, begin, make_trainer, prepare, run_name, with_eval_crop, with_light_cpu_claim
+from pipeline.train_loop import standard_error
 from pipeline.zeroshot import zero_shot_accuracy
 
 ROW_TITLES = {
@@ -59,10 +60,18 @@ def row_config(cfg: Config, row: str, seed: int, tuned: dict | None = None) -> C
     return c
 
 
+def accuracy_standard_error(acc: float, images: int) -> float:
+    """The standard error of an accuracy measured on `images` test images. Every seed of a row is
+    scored on the same images, so averaging seeds does not shrink it: the std over seeds is
+    training noise only, this is the test set's."""
+    return standard_error(acc, acc, images)
+
+
 def _summarize(runs: list[dict]) -> dict:
     finals = np.array([r["test_acc"] for r in runs])
     first = np.array([r["curve"][0] for r in runs])
     return {"test_acc_mean": float(finals.mean()), "test_acc_std": float(finals.std()),
+            "test_acc_se": accuracy_standard_error(float(finals.mean()), runs[0]["test_images"]),
             "epoch1_acc_mean": float(first.mean()), "epoch1_acc_std": float(first.std()),
             "best_epochs": [r["best_epoch"] for r in runs], "wall_s_mean": float(np.mean([r["wall_s"] for r in runs]))}
 
@@ -105,6 +114,7 @@ def run_experiment(cfg: Config) -> dict:
         if row == "zero_shot":
             if zero:
                 results["rows"][row] = {"runs": [], "test_acc_mean": zero["test_acc"], "test_acc_std": 0.0,
+                                        "test_acc_se": accuracy_standard_error(zero["test_acc"], zero["test_images"]),
                                         "wall_s_mean": 0.0, "note": "deterministic: one evaluation"}
             continue
         tuned = None
@@ -166,14 +176,17 @@ def _flat(changes: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def format_table(results: dict) -> str:
-    """The markdown table: final-epoch test accuracy, mean +- std over seeds."""
+    """The markdown table: final-epoch test accuracy, mean +- std over seeds, and the test set's
+    standard error (results without one, saved before it was reported, show "-")."""
     zero = (results.get("zero_shot") or {}).get("test_acc")
-    lines = ["| row | test acc (last epoch), mean ± std | per seed | acc after epoch 1 | best epoch per seed "
-             "| wall time per run | beats zero-shot |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| row | test acc (last epoch), mean ± std | test-set SE | per seed | acc after epoch 1 "
+             "| best epoch per seed | wall time per run | beats zero-shot |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, r in results["rows"].items():
         title = ROW_TITLES[key]
+        se = f"{r['test_acc_se']:.3f}" if "test_acc_se" in r else "-"
         if not r["runs"]:
-            lines.append(f"| {title} | {r['test_acc_mean']:.3f} | - | - | - | - | (baseline) |")
+            lines.append(f"| {title} | {r['test_acc_mean']:.3f} | {se} | - | - | - | - | (baseline) |")
             continue
         seeds = ", ".join(f"{x['test_acc']:.3f}" for x in r["runs"])
         beats = f"{sum(x['test_acc'] > zero for x in r['runs'])}/{len(r['runs'])}" if zero is not None else "-"
@@ -186,7 +199,7 @@ def format_table(results: dict) -> str:
                 f", WiSE alpha {t['wise_alpha']:g}" if t.get("wise_alpha", 1) != 1 else "") + ")"
             if r.get("recipe"):
                 title += "; recipe " + ", ".join(f"{k}={v}" for k, v in _flat(r["recipe"]))
-        lines.append(f"| {title} | {r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f} | {seeds} | "
+        lines.append(f"| {title} | {r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f} | {se} | {seeds} | "
                      f"{r['epoch1_acc_mean']:.3f} ± {r['epoch1_acc_std']:.3f} | "
                      f"{', '.join(map(str, r['best_epochs']))} | {wall} | {beats} |")
     return "\n".join(lines)
