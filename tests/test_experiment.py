@@ -152,11 +152,9 @@ def test_experiment_rows_validated():
         validate(cfg)
 
 
-
 def test_table_reports_the_test_sets_standard_error():
     """0.93 on 500 test images: sqrt(0.93 x 0.07 / 500) = 0.0114. The seeds share those images,
     so the SE is the mean's, not divided by the number of seeds."""
-
     runs = [{"test_acc": a, "curve": [0.9, a], "best_epoch": 2, "test_images": 500, "wall_s": 1.0}
             for a in (0.928, 0.932)]
     results = {"zero_shot": {"test_acc": 0.846, "test_images": 500},
