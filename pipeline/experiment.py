@@ -25,7 +25,7 @@ from pipeline import plots, storage
 from pipeline.config import Config, with_changes
 from pipeline.model import STAGES
 from pipeline.runner import Prepared, begin, make_trainer, prepare, run_name, with_eval_crop, with_light_cpu_claim
-from pipeline.train_loop import standard_error
+from pipeline.train_loop import accuracy_standard_error
 from pipeline.zeroshot import zero_shot_accuracy
 
 ROW_TITLES = {
@@ -60,16 +60,11 @@ def row_config(cfg: Config, row: str, seed: int, tuned: dict | None = None) -> C
     return c
 
 
-def accuracy_standard_error(acc: float, images: int) -> float:
-    """The standard error of an accuracy measured on `images` test images. Every seed of a row is
-    scored on the same images, so averaging seeds does not shrink it: the std over seeds is
-    training noise only, this is the test set's."""
-    return standard_error(acc, acc, images)
-
-
 def _summarize(runs: list[dict]) -> dict:
     finals = np.array([r["test_acc"] for r in runs])
     first = np.array([r["curve"][0] for r in runs])
+    # Every seed is scored on the same test images, so averaging seeds does not shrink the test
+    # set's standard error: the std over seeds is training noise only.
     return {"test_acc_mean": float(finals.mean()), "test_acc_std": float(finals.std()),
             "test_acc_se": accuracy_standard_error(float(finals.mean()), runs[0]["test_images"]),
             "epoch1_acc_mean": float(first.mean()), "epoch1_acc_std": float(first.std()),

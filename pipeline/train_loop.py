@@ -248,7 +248,7 @@ class EpochRunner:
         losses = [loss / max(count, 1) for _, count, loss, _ in rows]
         n = max(rows[0][1], 1)
         loss_errors = [standard_error(loss, sq / n, n) for (_, _, _, sq), loss in zip(rows, losses, strict=True)]
-        acc_errors = [standard_error(acc, acc, n) for acc in accs]  # correct is 0/1: E[x^2] = E[x]
+        acc_errors = [accuracy_standard_error(acc, n) for acc in accs]
         chosen, margin = 0, 0.0
         if self.offered_alphas:
             scores, errors = (losses, loss_errors) if self.cfg.tune.select_metric == "loss" else (accs, acc_errors)
@@ -286,6 +286,12 @@ class EpochRunner:
 def standard_error(mean: float, mean_of_squares: float, n: float) -> float:
     """The standard error of a mean of n per-image values, from their mean and mean square."""
     return float(np.sqrt(max(mean_of_squares - mean * mean, 0.0) / max(n, 1)))
+
+
+def accuracy_standard_error(acc: float, images: float) -> float:
+    """The standard error of an accuracy measured on `images` images: sqrt(p(1 - p)/n), the
+    per-image score being 0 or 1 (so its mean square is its mean)."""
+    return standard_error(acc, acc, images)
 
 
 def chosen_wise_alpha(alphas: list, scores: list, errors: list, goodness, tolerance: float) -> tuple[int, float]:

@@ -9,8 +9,9 @@ import torch
 import torchvision
 
 from pipeline.config import Config, ConfigError, validate
-from pipeline.experiment import _summarize, accuracy_standard_error, format_table, row_config
+from pipeline.experiment import _summarize, format_table, row_config
 from pipeline.model import STAGES, SourceWeights, build_for_config, imagenet_categories, match_classes
+from pipeline.train_loop import accuracy_standard_error
 from pipeline.zeroshot import rest_threshold, zero_shot_accuracy, zero_shot_predict
 
 IMAGENET = imagenet_categories()
