@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.transforms import AUTO_AUGMENTS
+
 ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
 PRECISIONS = ("auto", "bf16", "fp32")
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -70,6 +72,10 @@ class DataConfig:
     eval_flip: bool = _f(False, "Test-time augmentation: score each eval image by the mean of its own and its "
                          "mirror image's class probabilities (training flips, so both views are in-distribution; "
                          "one more forward pass per eval image). Off: the seed's single center crop.")
+    auto_augment: str = _f("none", "Extra training augmentation after the crop and flip: 'none' (the seed's) or "
+                           "'ta_wide' (TrivialAugmentWide, Muller & Hutter 2021, as torchvision references' "
+                           "--auto-augment ta_wide: one random photometric or geometric operation per image at a "
+                           "random strength; no parameters to tune).")
     preview_images: int = _f(8, "Augmented training images drawn into preview.png (0 = none).")
 
 
@@ -220,7 +226,7 @@ class SearchConfig:
 
 
 # What experiment.tuned_recipe may change in the sections that decide the shared data and weights.
-RECIPE_LIMITS = {"data": {"batch_size", "crop_min_scale", "eval_flip"}, "model": {"freeze_depth"}}
+RECIPE_LIMITS = {"data": {"auto_augment", "batch_size", "crop_min_scale", "eval_flip"}, "model": {"freeze_depth"}}
 
 EXPERIMENT_ROWS = ("zero_shot", "linear_probe", "finetune", "finetune_reuse", "finetune_tuned", "scratch")
 
@@ -385,6 +391,7 @@ def validate(cfg: Config) -> Config:
     _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1]")
     _check(d.cache_decoded in CACHE_MODES, "data.cache_decoded", d.cache_decoded, f"valid: {', '.join(CACHE_MODES)}")
     _check(0 < d.crop_min_scale <= 1, "data.crop_min_scale", d.crop_min_scale, "must be in (0, 1]")
+    _check(d.auto_augment in AUTO_AUGMENTS, "data.auto_augment", d.auto_augment, f"valid: {', '.join(AUTO_AUGMENTS)}")
     _check(0 <= d.preview_images <= 64, "data.preview_images", d.preview_images, "must be in 0..64")
     _check(m.arch in ARCHS, "model.arch", m.arch, f"valid: {', '.join(ARCHS)}")
     if m.weights not in ("imagenet", "none") and not m.weights.startswith("s3://"):

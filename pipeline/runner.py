@@ -248,8 +248,10 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
                  callbacks=None) -> TorchTrainer:
     """A TorchTrainer for cfg over the prepared data, evaluating on eval_split ('test' or 'val')."""
     train = prep.splits["train"]
-    # The crop scale may differ per run (a Tune trial's choice); the decoded copy does not depend on it.
-    augment = dataclasses.replace(prep.preset, scale=(cfg.data.crop_min_scale, 1.0))
+    # The crop scale may differ per run (a Tune trial's choice), the extra augmentation per row; the decoded
+    # copy depends on neither.
+    augment = dataclasses.replace(prep.preset, scale=(cfg.data.crop_min_scale, 1.0),
+                                  auto_augment=cfg.data.auto_augment)
     datasets = {"train": data.train_stream(train, augment, prep.res.data_task_cpus, seed=cfg.optim.seed)}
     for rank, shard in enumerate(data.split_for_ranks(prep.splits[eval_split], cfg.scaling.workers)):
         datasets[f"eval_{rank}"] = shard

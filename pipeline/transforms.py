@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageEnhance, ImageFile, ImageOps
 
 # No torch here: Ray Data's decode and augmentation tasks import this module, and importing torch
 # costs seconds of start-up in every new worker process.
@@ -24,6 +24,7 @@ Image.MAX_IMAGE_PIXELS = 20_000 * 20_000
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a bad image, counted and skipped
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+AUTO_AUGMENTS = ("none", "ta_wide")  # the names of torchvision references' --auto-augment
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -51,13 +52,18 @@ class ImagePreset:
     scale: tuple = (0.08, 1.0)
     ratio: tuple = (3 / 4, 4 / 3)
     eval_crop: int = 0  # CenterCrop size for evaluation; 0 = image_size (the recipe)
+    auto_augment: str = "none"  # after crop + flip: "ta_wide" = TrivialAugmentWide
+
+    def __post_init__(self):
+        if self.auto_augment not in AUTO_AUGMENTS:
+            raise ValueError(f"auto_augment {self.auto_augment!r}: valid: {', '.join(AUTO_AUGMENTS)}")
 
     @classmethod
     def from_data_config(cls, data: dict) -> ImagePreset:
         """The preset of a config's data section, as a dict: a Config's to_dict() or the one saved
         in a checkpoint (whose older versions may lack the later fields)."""
         return cls(data["image_size"], data["resize_size"], scale=(data.get("crop_min_scale", 0.08), 1.0),
-                   eval_crop=data.get("eval_crop_size", 0))
+                   eval_crop=data.get("eval_crop_size", 0), auto_augment=data.get("auto_augment", "none"))
 
     @property
     def eval_size(self) -> int:
@@ -106,7 +112,7 @@ class ImagePreset:
         return (h - ch) // 2, (w - cw) // 2, ch, cw
 
     def train(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """RandomResizedCrop(image_size) + RandomHorizontalFlip on uint8 HWC.
+        """RandomResizedCrop(image_size) + RandomHorizontalFlip (+ auto_augment) on uint8 HWC.
 
         PIL's resize with a source box crops and resizes in one pass, as torchvision's
         RandomResizedCrop does for PIL images. Not torch: the augmentation tasks would each
@@ -116,4 +122,53 @@ class ImagePreset:
                                           box=(left, top, left + cw, top + ch))
         if rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.auto_augment == "ta_wide":
+            out = trivial_augment_wide(out, rng)
         return np.asarray(out)
+
+
+# TrivialAugmentWide (Muller & Hutter 2021) as torchvision has it: one operation drawn uniformly,
+# at one of 31 magnitudes drawn uniformly, negated half the time where the op has a sign; fill 0,
+# nearest-neighbour geometry. Written on PIL for the same reason as the crop: no torch in the
+# augmentation tasks. op -> (magnitude at the top bin, signed)
+TA_WIDE_BINS = 31
+TA_WIDE_OPS = {"identity": (0.0, False), "shear_x": (0.99, True), "shear_y": (0.99, True),
+               "translate_x": (32.0, True), "translate_y": (32.0, True), "rotate": (135.0, True),
+               "brightness": (0.99, True), "color": (0.99, True), "contrast": (0.99, True),
+               "sharpness": (0.99, True), "posterize": (6.0, False), "solarize": (255.0, False),
+               "autocontrast": (0.0, False), "equalize": (0.0, False)}
+_ENHANCERS = {"brightness": ImageEnhance.Brightness, "color": ImageEnhance.Color,
+              "contrast": ImageEnhance.Contrast, "sharpness": ImageEnhance.Sharpness}
+
+
+def apply_op(img: Image.Image, op: str, magnitude: float) -> Image.Image:
+    """One TrivialAugmentWide operation at a magnitude (signed where the op has a sign)."""
+    if op in ("shear_x", "shear_y", "translate_x", "translate_y"):
+        # PIL's affine maps output pixels to input pixels (hence the translation's minus); shear about
+        # the top-left corner and translation by whole pixels, as torchvision's.
+        shift = -int(magnitude)
+        matrix = {"shear_x": (1, magnitude, 0, 0, 1, 0), "shear_y": (1, 0, 0, magnitude, 1, 0),
+                  "translate_x": (1, 0, shift, 0, 1, 0), "translate_y": (1, 0, 0, 0, 1, shift)}[op]
+        return img.transform(img.size, Image.Transform.AFFINE, matrix, Image.NEAREST, fillcolor=0)
+    if op == "rotate":
+        return img.rotate(magnitude, Image.NEAREST, fillcolor=0)
+    if op in _ENHANCERS:
+        return _ENHANCERS[op](img).enhance(1.0 + magnitude)
+    if op == "posterize":  # magnitude = bits removed: 8 bits kept at bin 0, 2 at the top
+        return ImageOps.posterize(img, 8 - int(round(magnitude)))
+    if op == "solarize":  # magnitude = how far the threshold came down from 255
+        return ImageOps.solarize(img, 255 - magnitude)
+    if op == "autocontrast":
+        return ImageOps.autocontrast(img)
+    if op == "equalize":
+        return ImageOps.equalize(img)
+    return img
+
+
+def trivial_augment_wide(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    op = list(TA_WIDE_OPS)[rng.integers(len(TA_WIDE_OPS))]
+    top, signed = TA_WIDE_OPS[op]
+    magnitude = top * rng.integers(TA_WIDE_BINS) / (TA_WIDE_BINS - 1)
+    if signed and rng.integers(2):
+        magnitude = -magnitude
+    return apply_op(img, op, magnitude)

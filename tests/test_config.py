@@ -57,6 +57,7 @@ def test_unknown_and_mistyped_keys_rejected(bad, field):
     ("model", "wise_alpha", 1.5, "[0, 1]"),
     ("optim", "ema_half_life", -1.0, "[0, 1000] epochs"),
     ("tune", "select_epoch", "first", "last, best"),
+    ("data", "auto_augment", "randaugment", "none, ta_wide"),
 ])
 def test_validation_names_field_value_and_choices(tmp_path, section, key, value, needle):
     cfg = Config()

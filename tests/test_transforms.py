@@ -7,7 +7,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from pipeline.normalize import Normalizer
-from pipeline.transforms import ImagePreset
+from pipeline.transforms import TA_WIDE_BINS, TA_WIDE_OPS, ImagePreset, apply_op
 
 PRESET = ImagePreset(image_size=56, resize_size=64)
 
@@ -135,5 +135,55 @@ def test_preset_from_a_config_or_an_older_checkpoints_data_section():
     cfg.data.crop_min_scale, cfg.data.eval_crop_size = 0.25, 256
     preset = ImagePreset.from_data_config(cfg.to_dict()["data"])
     assert preset == ImagePreset(224, 256, scale=(0.25, 1.0), eval_crop=256)
+    cfg.data.auto_augment = "ta_wide"
+    assert ImagePreset.from_data_config(cfg.to_dict()["data"]).auto_augment == "ta_wide"
     # A checkpoint saved before crop_min_scale and eval_crop_size existed: the recipe's values.
     assert ImagePreset.from_data_config({"image_size": 160, "resize_size": 192}) == ImagePreset(160, 192)
+
+
+def _torchvision_op(img: Image.Image, op: str, m: float) -> Image.Image:
+    """torchvision's TrivialAugmentWide operation (transforms.autoaugment._apply_op, through the
+    public functional API) on a PIL image, magnitude m."""
+    import math
+
+    import torchvision.transforms.functional as F
+    from torchvision.transforms import InterpolationMode
+
+    near, fill = InterpolationMode.NEAREST, [0.0, 0.0, 0.0]
+    geometric = {
+        "shear_x": lambda: F.affine(img, 0.0, [0, 0], 1.0, [math.degrees(math.atan(m)), 0.0], near, fill, [0, 0]),
+        "shear_y": lambda: F.affine(img, 0.0, [0, 0], 1.0, [0.0, math.degrees(math.atan(m))], near, fill, [0, 0]),
+        "translate_x": lambda: F.affine(img, 0.0, [int(m), 0], 1.0, [0.0, 0.0], near, fill),
+        "translate_y": lambda: F.affine(img, 0.0, [0, int(m)], 1.0, [0.0, 0.0], near, fill),
+        "rotate": lambda: F.rotate(img, m, near, fill=fill)}
+    if op in geometric:
+        return geometric[op]()
+    return {"identity": lambda: img, "brightness": lambda: F.adjust_brightness(img, 1.0 + m),
+            "color": lambda: F.adjust_saturation(img, 1.0 + m), "contrast": lambda: F.adjust_contrast(img, 1.0 + m),
+            "sharpness": lambda: F.adjust_sharpness(img, 1.0 + m), "posterize": lambda: F.posterize(img, 8 - round(m)),
+            "solarize": lambda: F.solarize(img, 255.0 - m), "autocontrast": lambda: F.autocontrast(img),
+            "equalize": lambda: F.equalize(img)}[op]()
+
+
+@pytest.mark.parametrize("op", list(TA_WIDE_OPS))
+def test_ta_wide_operations_match_torchvision(op):
+    """Each operation at a low, a middle and the top bin, both signs where it has one, is
+    torchvision's to the pixel (same PIL calls underneath, no torch in the augmentation tasks)."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    top, signed = TA_WIDE_OPS[op]
+    for b in (3, 15, TA_WIDE_BINS - 1):
+        for m in ((top * b / (TA_WIDE_BINS - 1),) + ((-top * b / (TA_WIDE_BINS - 1),) if signed else ())):
+            assert np.array_equal(np.asarray(apply_op(img, op, m)), np.asarray(_torchvision_op(img, op, m))), (op, m)
+
+
+def test_ta_wide_is_seeded_and_varies_the_crops():
+    img = PRESET.decode(encode(Image.fromarray(gradient())))
+    ta = ImagePreset(image_size=56, resize_size=64, auto_augment="ta_wide")
+    out = [ta.train(img, np.random.default_rng(s)) for s in range(16)]
+    assert all(o.shape == (56, 56, 3) and o.dtype == np.uint8 for o in out)
+    assert np.array_equal(out[3], ta.train(img, np.random.default_rng(3)))
+    # The crop and flip draw first, so the same seed gives the plain crop the operation starts from.
+    changed = [not np.array_equal(o, PRESET.train(img, np.random.default_rng(s))) for s, o in enumerate(out)]
+    assert 8 <= sum(changed) < 16  # identity (and a magnitude-0 bin) leave some crops as they were
+    with pytest.raises(ValueError, match="'randaugment'.*none, ta_wide"):
+        ImagePreset(auto_augment="randaugment")
