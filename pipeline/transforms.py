@@ -162,7 +162,9 @@ def apply_op(img: Image.Image, op: str, magnitude: float) -> Image.Image:
         return ImageOps.autocontrast(img)
     if op == "equalize":
         return ImageOps.equalize(img)
-    return img
+    if op == "identity":
+        return img
+    raise ValueError(f"TrivialAugmentWide operation {op!r}: valid: {', '.join(TA_WIDE_OPS)}")
 
 
 def trivial_augment_wide(img: Image.Image, rng: np.random.Generator) -> Image.Image:

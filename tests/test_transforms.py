@@ -187,3 +187,5 @@ def test_ta_wide_is_seeded_and_varies_the_crops():
     assert 8 <= sum(changed) < 16  # identity (and a magnitude-0 bin) leave some crops as they were
     with pytest.raises(ValueError, match="'randaugment'.*none, ta_wide"):
         ImagePreset(auto_augment="randaugment")
+    with pytest.raises(ValueError, match="'cutout'.*identity, shear_x"):
+        apply_op(Image.fromarray(img), "cutout", 1.0)
