@@ -134,7 +134,7 @@ def test_tuned_recipe_applies_to_the_tuned_row_only():
     ({"optim": {"epochs": 0}}, "experiment.tuned_recipe.optim.epochs = 0: must be in 1..10000"),
     ({"run": {"name": "x"}}, "experiment.tuned_recipe = {'run': {'name': 'x'}}: may change every section but"),
     ({"data": {"resize_size": 288}}, "experiment.tuned_recipe.data = {'resize_size': 288}: may change only "
-                                     "batch_size, crop_min_scale, eval_flip"),
+                                     "auto_augment, batch_size, crop_min_scale, eval_flip"),
     ({"model": {"arch": "resnet50"}}, "experiment.tuned_recipe.model = {'arch': 'resnet50'}: may change only "
                                       "freeze_depth"),
 ])
