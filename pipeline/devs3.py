@@ -60,7 +60,19 @@ class LocalS3:
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": ident.access_key,
                 "AWS_SECRET_ACCESS_KEY": ident.secret_key, "AWS_REGION": "us-east-1"}
 
-    def start(self, timeout: float = 60) -> LocalS3:
+    def start(self, timeout: float = 60, attempts: int = 3) -> LocalS3:
+        """Start weed and wait until S3 answers. Every port is picked free just before weed binds it,
+        so another process can take one in between: weed then exits (glog.Fatalf), at times after S3
+        already answered. Such a start is retried on fresh ports."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout)
+            except RuntimeError:
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> LocalS3:
         weed = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
         os.makedirs(self.data_dir, exist_ok=True)
         config = os.path.join(self.data_dir, "s3-identities.json")
@@ -70,11 +82,11 @@ class LocalS3:
                  "actions": i.actions} for name, i in self.identities.items()]}, fh)
         self.port = free_port()
         ports = {k: free_port() for k in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-                                          "filer.port", "filer.port.grpc", "s3.port.grpc", "webdav.port",
-                                          "admin.port", "admin.port.grpc")}
+                                          "filer.port", "filer.port.grpc", "s3.port.grpc", "admin.port",
+                                          "admin.port.grpc")}
         args = [weed, "mini", f"-dir={os.path.join(self.data_dir, 'data')}", "-ip=127.0.0.1",
                 "-ip.bind=127.0.0.1", "-master.telemetry=false", "-admin.ui=false", f"-s3.port={self.port}",
-                f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
                 *[f"-{k}={v}" for k, v in ports.items()]]
         log = open(os.path.join(self.data_dir, "weed.log"), "ab")
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -95,9 +107,14 @@ class LocalS3:
                 raise RuntimeError(f"weed exited with {self.process.returncode}; see {self.data_dir}/weed.log")
             try:
                 client.list_buckets()
-                return
             except Exception:  # noqa: BLE001 - not up yet
                 time.sleep(0.3)
+                continue
+            # The components after S3 (the admin server) bind their ports a moment later.
+            time.sleep(2)
+            if self.process.poll() is None:
+                return
+            raise RuntimeError(f"weed exited with {self.process.returncode}; see {self.data_dir}/weed.log")
         self.stop()
         raise RuntimeError(f"SeaweedFS S3 on {self.endpoint} not ready after {timeout:.0f} s")
 
