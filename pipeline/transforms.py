@@ -137,6 +137,7 @@ TA_WIDE_OPS = {"identity": (0.0, False), "shear_x": (0.99, True), "shear_y": (0.
                "brightness": (0.99, True), "color": (0.99, True), "contrast": (0.99, True),
                "sharpness": (0.99, True), "posterize": (6.0, False), "solarize": (255.0, False),
                "autocontrast": (0.0, False), "equalize": (0.0, False)}
+_TA_WIDE_NAMES = tuple(TA_WIDE_OPS)
 _ENHANCERS = {"brightness": ImageEnhance.Brightness, "color": ImageEnhance.Color,
               "contrast": ImageEnhance.Contrast, "sharpness": ImageEnhance.Sharpness}
 
@@ -168,7 +169,7 @@ def apply_op(img: Image.Image, op: str, magnitude: float) -> Image.Image:
 
 
 def trivial_augment_wide(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    op = list(TA_WIDE_OPS)[rng.integers(len(TA_WIDE_OPS))]
+    op = _TA_WIDE_NAMES[rng.integers(len(_TA_WIDE_NAMES))]
     top, signed = TA_WIDE_OPS[op]
     magnitude = top * rng.integers(TA_WIDE_BINS) / (TA_WIDE_BINS - 1)
     if signed and rng.integers(2):
