@@ -97,6 +97,12 @@ class ModelConfig:
     reuse_classifier: bool = _f(True, "Start the head row of every target class whose name matches a source "
                                 "category (e.g. hot_dog -> ImageNet 'hotdog', 934) from that category's "
                                 "classifier row; the other rows start from Xavier.", flag="--reuse-classifier")
+    probe_init: bool = _f(False, "LP-FT (Kumar et al. 2022): start the head from a logistic regression fitted on the "
+                          "pretrained network's features of the training images (center crops and their mirrors, "
+                          "on the driver), its L2 penalty pulling toward the reused rows (toward 0 for the others) "
+                          "and its strength chosen by 5-fold cross-validation on those images. Fine-tuning then "
+                          "starts from a head that already fits the data, and WiSE-FT (model.wise_alpha) "
+                          "interpolates toward a start that does. Needs pretrained weights.")
     categories: str = _f("", "Source category names, for classifier reuse and zero-shot: '' (the weights "
                          "enum's or the sidecar's), 'imagenet' (torchvision's ImageNet-1k list, for "
                          "ImageNet state_dict files) or a text file with one name per line.")
@@ -226,7 +232,8 @@ class SearchConfig:
 
 
 # What experiment.tuned_recipe may change in the sections that decide the shared data and weights.
-RECIPE_LIMITS = {"data": {"auto_augment", "batch_size", "crop_min_scale", "eval_flip"}, "model": {"freeze_depth"}}
+RECIPE_LIMITS = {"data": {"auto_augment", "batch_size", "crop_min_scale", "eval_flip"},
+                 "model": {"freeze_depth", "probe_init"}}
 
 EXPERIMENT_ROWS = ("zero_shot", "linear_probe", "finetune", "finetune_reuse", "finetune_tuned", "scratch")
 
@@ -402,6 +409,8 @@ def validate(cfg: Config) -> Config:
     if m.arch in STAGES:
         _check(0 <= m.freeze_depth <= len(STAGES[m.arch]), "model.freeze_depth", m.freeze_depth,
                f"must be in 0..{len(STAGES[m.arch])} for {m.arch}")
+    _check(not (m.probe_init and m.weights == "none"), "model.probe_init", m.probe_init,
+           "needs pretrained weights (model.weights is 'none')")
     _check(0 <= m.wise_alpha <= 1, "model.wise_alpha", m.wise_alpha, "must be in [0, 1] (1 = the trained weights)")
     for name, v in (("model.mean", m.mean), ("model.std", m.std)):
         _check(v is None or len(v) == 3, name, v, "must be 3 comma-separated floats (R,G,B)")

@@ -24,7 +24,16 @@ import numpy as np
 from pipeline import plots, storage
 from pipeline.config import Config, with_changes
 from pipeline.model import STAGES
-from pipeline.runner import Prepared, begin, make_trainer, prepare, run_name, with_eval_crop, with_light_cpu_claim
+from pipeline.runner import (
+    Prepared,
+    begin,
+    make_trainer,
+    prepare,
+    run_name,
+    with_eval_crop,
+    with_light_cpu_claim,
+    with_probe_head,
+)
 from pipeline.train_loop import accuracy_standard_error
 from pipeline.zeroshot import zero_shot_accuracy
 
@@ -46,6 +55,7 @@ def row_config(cfg: Config, row: str, seed: int, tuned: dict | None = None) -> C
     c.optim.seed = seed
     c.run.name = ""
     c.model.reuse_classifier = row in ("finetune_reuse", "finetune_tuned")
+    c.model.probe_init = c.model.probe_init and row == "finetune_tuned"
     if row == "linear_probe":
         c.model.freeze_depth = len(STAGES[c.model.arch])
     elif row == "finetune_tuned":
@@ -140,6 +150,7 @@ def run_experiment(cfg: Config) -> dict:
         row_prep = dataclasses.replace(prep, source_ref=None) if row == "scratch" else prep
         if tuned:
             row_prep = with_eval_crop(prep, search_cfg, tuned["eval_crop_size"], splits=("test",))
+        row_prep = with_probe_head(row_prep, row_config(cfg, row, seeds[0], tuned))
         runs = []
         for seed in seeds:
             c = row_config(cfg, row, seed, tuned)

@@ -147,10 +147,12 @@ def head_of(model: nn.Module, arch: str) -> nn.Linear:
 
 
 def build_model(arch: str, num_classes: int, source: SourceWeights | None = None,
-                reuse_rows: dict[int, int] | None = None, rest_bias: dict[int, float] | None = None) -> nn.Module:
+                reuse_rows: dict[int, int] | None = None, rest_bias: dict[int, float] | None = None,
+                head_init: dict | None = None) -> nn.Module:
     """The architecture with source weights loaded (strict) and a fresh Xavier-normal head,
     whose rows in reuse_rows (target class -> source category) are copied from the source head;
-    rest_bias sets an unmatched class's bias (see zeroshot.rest_threshold)."""
+    rest_bias sets an unmatched class's bias (see zeroshot.rest_threshold). head_init
+    ({"weight", "bias"}: a fitted head, see probe.fit_probe_head) replaces the whole head."""
     model = torchvision.models.get_model(arch, weights=None)
     if source is not None and source.state_dict is not None:
         model.load_state_dict(source.state_dict, strict=True)
@@ -165,9 +167,17 @@ def build_model(arch: str, num_classes: int, source: SourceWeights | None = None
                 head.bias[target] = old.bias[src]
             for target, bias in (rest_bias or {}).items():
                 head.bias[target] = bias
-    parent_name, _, leaf = HEADS[arch].rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, head)
+    if head_init is not None:
+        with torch.no_grad():
+            head.weight.copy_(torch.as_tensor(head_init["weight"]))
+            head.bias.copy_(torch.as_tensor(head_init["bias"]))
+    replace_head(model, arch, head)
     return model
+
+
+def replace_head(model: nn.Module, arch: str, module: nn.Module) -> None:
+    parent_name, _, leaf = HEADS[arch].rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
@@ -213,11 +223,12 @@ def param_groups(model: nn.Module, arch: str, lr: float, head_lr_mult: float) ->
 
 
 def build_for_config(cfg, num_classes: int, source: SourceWeights | None = None,
-                     reuse_rows: dict[int, int] | None = None, rest_bias: dict[int, float] | None = None) -> nn.Module:
+                     reuse_rows: dict[int, int] | None = None, rest_bias: dict[int, float] | None = None,
+                     probe_head: dict | None = None) -> nn.Module:
     """build_model plus the config's freezing: what every worker trains and every checkpoint holds."""
     reuse = cfg.model.reuse_classifier
     model = build_model(cfg.model.arch, num_classes, source, reuse_rows if reuse else None,
-                        rest_bias if reuse else None)
+                        rest_bias if reuse else None, probe_head if cfg.model.probe_init else None)
     if cfg.model.freeze_bn:
         freeze_batchnorm(model)
     freeze_bottom(model, cfg.model.arch, cfg.model.freeze_depth)

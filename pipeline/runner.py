@@ -147,6 +147,7 @@ class Prepared:
     index: data.ImageFolderIndex
     reuse_rows: dict  # target class -> source category whose classifier row it starts from
     rest_bias: dict  # the one unmatched class -> its starting bias (zeroshot.calibrate_rest_bias)
+    probe_head: dict | None = None  # the linear-probe head runs with model.probe_init start from (probe.py)
 
 
 def load_split(cfg: Config, index: data.ImageFolderIndex, split: str, preset: ImagePreset, res: Resources, *,
@@ -199,7 +200,17 @@ def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) ->
         from pipeline.zeroshot import calibrate_rest_bias
 
         prep.rest_bias = calibrate_rest_bias(prep, cfg.model.arch)
-    return prep
+    return with_probe_head(prep, cfg)
+
+
+def with_probe_head(prep: Prepared, cfg: Config) -> Prepared:
+    """prep with the linear-probe head fitted on its train split, if cfg asks for one (model.probe_init)
+    and prep has none yet: runs of one prepared dataset share it."""
+    if not cfg.model.probe_init or prep.probe_head is not None:
+        return prep
+    from pipeline.probe import fit_probe_head
+
+    return dataclasses.replace(prep, probe_head=fit_probe_head(prep, cfg.model.arch))
 
 
 def with_eval_crop(prep: Prepared, cfg: Config, eval_crop: int, splits: tuple[str, ...] = ("val", "test")) -> Prepared:
@@ -247,6 +258,8 @@ def worker_malloc_env(heap_reuse: bool) -> dict:
 def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, fs, eval_split: str = "test",
                  callbacks=None) -> TorchTrainer:
     """A TorchTrainer for cfg over the prepared data, evaluating on eval_split ('test' or 'val')."""
+    if cfg.model.probe_init and prep.probe_head is None:
+        raise ValueError("model.probe_init: the prepared data has no probe head (see with_probe_head)")
     train = prep.splits["train"]
     # The crop scale may differ per run (a Tune trial's choice), the extra augmentation per row; the decoded
     # copy depends on neither.
@@ -259,6 +272,7 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
             "arch": cfg.model.arch, "skipped_images": prep.skipped, "eval_split": eval_split,
             **({"reuse_rows": prep.reuse_rows, "rest_bias": prep.rest_bias}
                if cfg.model.reuse_classifier and prep.source_ref is not None else {}),
+            **({"probe_head": prep.probe_head} if cfg.model.probe_init else {}),
             # Ray Train's equal split gives every rank floor(n / workers) rows.
             "train_rows_per_rank": train.num_images // cfg.scaling.workers,
             "steps_per_epoch": math.ceil(train.num_images // cfg.scaling.workers

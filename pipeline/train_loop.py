@@ -116,7 +116,8 @@ class EpochRunner:
         self.cfg, self.meta = cfg, meta
         self.device = ray.train.torch.get_device()
         self.bf16 = use_bf16(cfg.scaling.precision, self.device)
-        model = build_for_config(cfg, len(meta["classes"]), source, meta.get("reuse_rows"), meta.get("rest_bias"))
+        model = build_for_config(cfg, len(meta["classes"]), source, meta.get("reuse_rows"), meta.get("rest_bias"),
+                                 meta.get("probe_head"))
         fmt = torch.channels_last if cfg.scaling.channels_last else torch.contiguous_format
         self.raw_model = model.to(self.device, memory_format=fmt)
         self.model = ray.train.torch.prepare_model(self.raw_model)

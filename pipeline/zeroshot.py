@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torchvision
 
-from pipeline.model import class_probabilities
+from pipeline.model import class_probabilities, replace_head
 from pipeline.normalize import Normalizer
 
 CALIBRATION_IMAGES = 512  # enough to place one threshold; keeps the driver's CPU pass short
@@ -38,24 +38,33 @@ def zero_shot_predict(source_logits: np.ndarray, rows: dict[int, int], num_class
 
 @torch.inference_mode()
 def source_logits(source, arch: str, dataset, preset=None, limit: int | None = None,
-                  mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  mirror: bool = False, features: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(logits, labels) of the unchanged source network on a decoded split (fp32, on the driver).
     preset: center-crop the images first (the uncropped training copy). mirror: log of the mean
-    of the image's and its mirror's probabilities instead (data.eval_flip; same argmax rule)."""
+    of the image's and its mirror's probabilities instead (data.eval_flip; same argmax rule).
+    features: the head's inputs (the pooled features) instead of the logits; with mirror, the
+    mirrored images' features follow all the originals' as more rows, in the same order."""
     model = torchvision.models.get_model(arch, weights=None)
     model.load_state_dict(source.state_dict)
+    if features:
+        replace_head(model, arch, torch.nn.Identity())
     model.eval()
     normalize = Normalizer(source.mean, source.std, channels_last=False)
-    logits, labels = [], []
+    logits, mirrored, labels = [], [], []
     ds = dataset.limit(limit) if limit else dataset
     for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
         images = batch["image"]
         if preset is not None:
             images = np.stack([preset.eval(img) for img in images])
         x = normalize(torch.as_tensor(np.asarray(images)))
-        logits.append((class_probabilities(model, x, mirror=True).log() if mirror else model(x)).numpy())
+        if features:
+            logits.append(model(x).numpy())
+            mirrored += [model(x.flip(3)).numpy()] if mirror else []
+        else:
+            logits.append((class_probabilities(model, x, mirror=True).log() if mirror else model(x)).numpy())
         labels.append(batch["label"])
-    return np.concatenate(logits), np.concatenate(labels)
+    labels = np.concatenate(labels)
+    return np.concatenate(logits + mirrored), np.tile(labels, 2) if mirrored else labels
 
 
 def zero_shot_accuracy(prep, arch: str, split: str = "test", mirror: bool = False) -> dict | None:
