@@ -108,9 +108,10 @@ class ModelConfig:
                          "ImageNet state_dict files) or a text file with one name per line.")
     wise_alpha: float = _f(1.0, "Weight-space ensemble (WiSE-FT, Wortsman et al. 2022): evaluate, export and predict "
                            "with start + wise_alpha x (trained - start), the start being the pretrained network "
-                           "with its reused head. 1 = the trained weights (the seed's). Below 1 keeps part of the "
-                           "source model's knowledge, which on a small dataset often scores higher; meant for "
-                           "classifier reuse, where the start is itself a classifier (the zero-shot one).")
+                           "with its reused (or linear-probe: model.probe_init) head. 1 = the trained weights "
+                           "(the seed's). Below 1 keeps part of the source model's knowledge, which on a small "
+                           "dataset often scores higher; meant for a start that is itself a classifier (the "
+                           "zero-shot one, or the linear probe).")
 
 
 @dataclass

@@ -151,6 +151,8 @@ def run_experiment(cfg: Config) -> dict:
         if tuned:
             row_prep = with_eval_crop(prep, search_cfg, tuned["eval_crop_size"], splits=("test",))
         row_prep = with_probe_head(row_prep, row_config(cfg, row, seeds[0], tuned))
+        if row_prep.probe_head is not None:
+            extra["probe_head"] = {k: row_prep.probe_head[k] for k in ("penalty", "cv_loss")}
         runs = []
         for seed in seeds:
             c = row_config(cfg, row, seed, tuned)

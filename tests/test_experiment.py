@@ -127,6 +127,9 @@ def test_tuned_recipe_applies_to_the_tuned_row_only():
     for row in ("linear_probe", "finetune", "finetune_reuse", "scratch"):
         c = row_config(base, row, 0)
         assert (c.optim.epochs, c.optim.schedule, c.data.batch_size) == (5, "constant", 128)
+    base.model.probe_init = True  # LP-FT set for all: the tuned row only, the others are the seed's rows
+    assert [row_config(base, row, 0).model.probe_init for row in ("finetune", "finetune_tuned", "scratch")] == [
+        False, True, False]
 
 
 @pytest.mark.parametrize("recipe, needle", [
@@ -136,7 +139,7 @@ def test_tuned_recipe_applies_to_the_tuned_row_only():
     ({"data": {"resize_size": 288}}, "experiment.tuned_recipe.data = {'resize_size': 288}: may change only "
                                      "auto_augment, batch_size, crop_min_scale, eval_flip"),
     ({"model": {"arch": "resnet50"}}, "experiment.tuned_recipe.model = {'arch': 'resnet50'}: may change only "
-                                      "freeze_depth"),
+                                      "freeze_depth, probe_init"),
 ])
 def test_tuned_recipe_validated_with_the_field_named(recipe, needle):
     cfg = Config()

@@ -15,6 +15,7 @@ from pipeline.config import config_from_args
 from pipeline.experiment import run_experiment
 from pipeline.inference import Classifier
 from pipeline.model import evaluated_weights
+from pipeline.probe import PENALTIES
 from pipeline.search import run_search
 from pipeline.train_loop import load_checkpoint
 
@@ -231,7 +232,8 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
          "--num-samples", "2", "--tune.max_freeze_depth", "2", "--tune.crop_min_scales", "0.25,0.5",
          "--tune.eval_crop_sizes", "56",  # one choice: the tuned row must evaluate on 56 px crops
          "--tune.wise_alphas", "0.5",  # and with WiSE-FT at 0.5
-         "--experiment.tuned_recipe", "{optim: {epochs: 3, schedule: cosine}, data: {batch_size: 8, eval_flip: true}}",
+         "--experiment.tuned_recipe", "{optim: {epochs: 3, schedule: cosine}, data: {batch_size: 8, eval_flip: true}, "
+         "model: {probe_init: true}}",
          "--storage", str(tmp_path / "runs"), "--name", "exp"]))
     results = run_experiment(cfg)
     rows = results["rows"]
@@ -243,10 +245,12 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
     assert tuned["tuned"]["eval_crop_size"] == 56 and list(tuned["search_val_acc_by_eval_crop"]) == ["56"]
     state = load_checkpoint(tuned["runs"][0]["checkpoint"])
     assert state["config"]["data"]["eval_crop_size"] == 56 and state["config"]["model"]["wise_alpha"] == 0.5
-    # The start weights travel in the checkpoint: the reused row is the source's hotdog row, and
-    # the checkpoint's model, interpolated as the row evaluated it, reproduces the reported test acc.
+    # The start weights travel in the checkpoint: the source's backbone and the linear-probe head
+    # (fitted from the reused hotdog row: moved away from it), and the checkpoint's model,
+    # interpolated as the row evaluated it, reproduces the reported test acc.
     source = torch.load(source_weights, weights_only=True)
-    assert torch.equal(state["start_weights"]["fc.weight"][0], source["fc.weight"][934])
+    assert tuned["probe_head"]["penalty"] in PENALTIES and state["config"]["model"]["probe_init"]
+    assert not torch.equal(state["start_weights"]["fc.weight"][0], source["fc.weight"][934])
     assert torch.equal(state["start_weights"]["layer4.1.conv2.weight"], source["layer4.1.conv2.weight"])
     clf = Classifier(tuned["runs"][0]["checkpoint"])
     assert clf.wise_alpha == 0.5 and clf.preset.eval_size == 56
@@ -259,7 +263,8 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
     assert search["best"]["config"]["optim"]["epochs"] == 3 and search["best"]["config"]["data"]["eval_flip"]
     assert all(t["epochs"] <= 3 for t in search["trials"])
     table = (tmp_path / "runs" / "exp" / "results.md").read_text()
-    assert "recipe optim.epochs=3, optim.schedule=cosine, data.batch_size=8, data.eval_flip=True" in table
+    assert ("recipe optim.epochs=3, optim.schedule=cosine, data.batch_size=8, data.eval_flip=True, "
+            "model.probe_init=True") in table
     assert "eval crop 56, WiSE alpha 0.5" in table
     assert (tmp_path / "runs" / "exp" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Its search's report says test was not read there (the rows report it).
