@@ -24,11 +24,11 @@ FOLDS = 5
 def start_head(source, arch: str, num_classes: int, reuse_rows: dict, rest_bias: dict) -> tuple[np.ndarray, np.ndarray]:
     """(weight, bias) the penalty pulls toward: the reused source rows (and the rest class's
     calibrated bias), zero elsewhere. Without reuse, all zero: plain ridge-penalized regression."""
-    dim = source.state_dict[HEADS[arch] + ".weight"].shape[1]
-    weight, bias = np.zeros((num_classes, dim)), np.zeros(num_classes)
+    source_weight, source_bias = (source.state_dict[f"{HEADS[arch]}.{name}"] for name in ("weight", "bias"))
+    weight, bias = np.zeros((num_classes, source_weight.shape[1])), np.zeros(num_classes)
     for target, src in reuse_rows.items():
-        weight[target] = source.state_dict[HEADS[arch] + ".weight"][src].double().numpy()
-        bias[target] = float(source.state_dict[HEADS[arch] + ".bias"][src])
+        weight[target] = source_weight[src].double().numpy()
+        bias[target] = float(source_bias[src])
     for target, b in rest_bias.items():
         bias[target] = b
     return weight, bias
@@ -76,15 +76,16 @@ def cross_validated_penalty(x: torch.Tensor, y: torch.Tensor, groups: np.ndarray
     return min(scores, key=lambda p: (scores[p], -p)), scores
 
 
-def fit_probe_head(prep, arch: str) -> dict:
+def fit_probe_head(prep, arch: str, reuse: bool) -> dict:
     """{"weight", "bias"} (float32 arrays) for build_model's head_init: the linear probe on the training
-    images' center crops and mirrors, with the cross-validated penalty toward start_head."""
+    images' center crops and mirrors, with the cross-validated penalty toward start_head (the reused
+    rows where reuse is on, else zero); "toward_reused" says which."""
     feats, labels = source_logits(prep.source, arch, prep.splits["train"].dataset, prep.preset,
                                   limit=PROBE_IMAGES, mirror=True, features=True)
     n = len(labels) // 2
     x, y = torch.as_tensor(feats, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.int64)
-    w0, b0 = (torch.as_tensor(a) for a in start_head(prep.source, arch, len(prep.classes), prep.reuse_rows,
-                                                      prep.rest_bias))
+    rows, rest_bias = (prep.reuse_rows, prep.rest_bias) if reuse else ({}, {})
+    w0, b0 = (torch.as_tensor(a) for a in start_head(prep.source, arch, len(prep.classes), rows, rest_bias))
     penalty, scores = cross_validated_penalty(x, y, np.tile(np.arange(n), 2), w0, b0)
     w, b = fit_logistic(x, y, w0, b0, penalty)
 
@@ -92,8 +93,8 @@ def fit_probe_head(prep, arch: str) -> dict:
         return float(((x @ weight.T + bias).argmax(1) == y).double().mean())
 
     print(f"probe head (LP-FT): fitted on {n} train images and their mirrors, L2 penalty {penalty:g} toward the "
-          f"{'reused rows' if prep.reuse_rows else 'zero head'} ({FOLDS}-fold held-out loss {scores[penalty]:.3f}; "
+          f"{'reused rows' if rows else 'zero head'} ({FOLDS}-fold held-out loss {scores[penalty]:.3f}; "
           f"{', '.join(f'{p:g}: {s:.3f}' for p, s in scores.items())}); train accuracy "
           f"{accuracy(w0, b0):.3f} at the start, {accuracy(w, b):.3f} fitted", flush=True)
     return {"weight": w.float().numpy(), "bias": b.float().numpy(), "penalty": penalty,
-            "cv_loss": scores[penalty]}
+            "cv_loss": scores[penalty], "toward_reused": bool(rows)}

@@ -205,12 +205,22 @@ def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) ->
 
 def with_probe_head(prep: Prepared, cfg: Config) -> Prepared:
     """prep with the linear-probe head fitted on its train split, if cfg asks for one (model.probe_init)
-    and prep has none yet: runs of one prepared dataset share it."""
-    if not cfg.model.probe_init or prep.probe_head is not None:
+    and prep has none fitted the same way yet: runs of one prepared dataset share it."""
+    if not lacks_probe_head(prep, cfg):
         return prep
     from pipeline.probe import fit_probe_head
 
-    return dataclasses.replace(prep, probe_head=fit_probe_head(prep, cfg.model.arch))
+    return dataclasses.replace(prep, probe_head=fit_probe_head(prep, cfg.model.arch, _probe_toward_reused(prep, cfg)))
+
+
+def _probe_toward_reused(prep: Prepared, cfg: Config) -> bool:
+    return cfg.model.reuse_classifier and bool(prep.reuse_rows)
+
+
+def lacks_probe_head(prep: Prepared, cfg: Config) -> bool:
+    """Whether cfg wants a probe head that prep does not hold (none, or one fitted toward another start)."""
+    return cfg.model.probe_init and (prep.probe_head is None
+                                     or prep.probe_head["toward_reused"] != _probe_toward_reused(prep, cfg))
 
 
 def with_eval_crop(prep: Prepared, cfg: Config, eval_crop: int, splits: tuple[str, ...] = ("val", "test")) -> Prepared:
@@ -258,8 +268,9 @@ def worker_malloc_env(heap_reuse: bool) -> dict:
 def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, fs, eval_split: str = "test",
                  callbacks=None) -> TorchTrainer:
     """A TorchTrainer for cfg over the prepared data, evaluating on eval_split ('test' or 'val')."""
-    if cfg.model.probe_init and prep.probe_head is None:
-        raise ValueError("model.probe_init: the prepared data has no probe head (see with_probe_head)")
+    if lacks_probe_head(prep, cfg):
+        raise ValueError("model.probe_init: the prepared data has no probe head fitted for this config "
+                         "(see with_probe_head)")
     train = prep.splits["train"]
     # The crop scale may differ per run (a Tune trial's choice), the extra augmentation per row; the decoded
     # copy depends on neither.

@@ -63,8 +63,8 @@ def test_probe_head_fits_the_training_images_and_goes_into_the_model(ray_local):
     prep = SimpleNamespace(source=source, classes=["hot_dog", "rest"], reuse_rows={0: 934}, rest_bias={1: 3.0},
                            preset=ImagePreset(image_size=32, resize_size=40),
                            splits={"train": SimpleNamespace(dataset=ray.data.from_items(rows))})
-    head = fit_probe_head(prep, "resnet18")
-    assert head["weight"].shape == (2, 512) and head["penalty"] in PENALTIES
+    head = fit_probe_head(prep, "resnet18", reuse=True)
+    assert head["weight"].shape == (2, 512) and head["penalty"] in PENALTIES and head["toward_reused"]
     from pipeline.zeroshot import source_logits
 
     feats, labels = source_logits(source, "resnet18", prep.splits["train"].dataset, prep.preset, mirror=True,
@@ -85,3 +85,17 @@ def test_probe_init_needs_pretrained_weights():
     cfg.model.weights, cfg.model.probe_init = "none", True
     with pytest.raises(ConfigError, match=r"model.probe_init = True: needs pretrained weights"):
         validate(cfg)
+
+
+def test_a_prepared_probe_head_is_reused_only_when_fitted_toward_the_same_start():
+    from pipeline.runner import lacks_probe_head
+
+    cfg = Config()
+    prep = SimpleNamespace(reuse_rows={0: 934}, probe_head=None)
+    assert not lacks_probe_head(prep, cfg)  # probe_init off: nothing wanted
+    cfg.model.probe_init = True
+    assert lacks_probe_head(prep, cfg)
+    prep.probe_head = {"toward_reused": True}
+    assert not lacks_probe_head(prep, cfg)
+    cfg.model.reuse_classifier = False  # reuse off: a head fitted toward the reused rows will not do
+    assert lacks_probe_head(prep, cfg)
