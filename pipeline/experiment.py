@@ -150,12 +150,12 @@ def run_experiment(cfg: Config) -> dict:
         row_prep = dataclasses.replace(prep, source_ref=None) if row == "scratch" else prep
         if tuned:
             row_prep = with_eval_crop(prep, search_cfg, tuned["eval_crop_size"], splits=("test",))
-        row_prep = with_probe_head(row_prep, row_config(cfg, row, seeds[0], tuned))
-        if row_prep.probe_head is not None:
-            extra["probe_head"] = {k: row_prep.probe_head[k] for k in ("penalty", "cv_loss")}
         runs = []
         for seed in seeds:
             c = row_config(cfg, row, seed, tuned)
+            row_prep = with_probe_head(row_prep, c)  # fitted for the first seed, shared by the others
+            if c.model.probe_init:
+                extra["probe_head"] = {k: row_prep.probe_head[k] for k in ("penalty", "cv_loss")}
             r = _train_row(c, row_prep, f"{row}-seed{seed}", exp_path, fs)
             runs.append(r)
             print(f"[{row} seed {seed}] test acc {r['test_acc']:.3f} (epoch 1: {r['curve'][0]:.3f}, "
