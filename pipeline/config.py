@@ -145,6 +145,13 @@ class ScalingConfig:
     workers: int = _f(0, "Data-parallel training workers (DDP ranks). 0: decided at start from the cluster: "
                       "one per gpus_per_worker GPUs (at most what divides the batch), 1 on CPU-only clusters. "
                       "Autoscaling clusters that start without GPU nodes need it set.", flag="--workers")
+    min_workers: int = _f(0, "Elastic training: the fewest workers the run goes on with (0 = not elastic: exactly "
+                          "scaling.workers). A worker group that loses a node restarts from the latest checkpoint "
+                          "with the workers the cluster can still place (down to this many) instead of waiting, and "
+                          "grows back to scaling.workers when nodes return. The global batch and the learning rates "
+                          "stay the config's at every size: each worker takes batch_size / (its group's size).")
+    resize_interval_s: float = _f(60.0, "Elastic training: how often a running group checks whether the cluster could "
+                                  "now hold more workers (a resize restarts it from the latest checkpoint).")
     use_gpu: str = _f("auto", "'auto' (GPUs when the cluster has them at start), 'true' (also makes an "
                       "autoscaling cluster add GPU nodes) or 'false'.")
     gpus_per_worker: float = _f(1.0, "GPUs per training worker when training on GPUs (below 1 shares a GPU).")
@@ -391,6 +398,13 @@ def validate(cfg: Config) -> Config:
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
     _check(s.workers == 0 or (d.batch_size >= s.workers and d.batch_size % s.workers == 0), "data.batch_size",
            d.batch_size, f"must be a multiple of scaling.workers ({s.workers}) so every worker gets an equal share")
+    _check(s.min_workers == 0 or 1 <= s.min_workers <= s.workers, "scaling.min_workers", s.min_workers,
+           f"must be 0 (not elastic) or in 1..scaling.workers ({s.workers}; set scaling.workers too)")
+    sizes = range(s.min_workers or s.workers, s.workers + 1)
+    _check(s.workers == 0 or all(d.batch_size % n == 0 for n in sizes), "data.batch_size", d.batch_size,
+           f"must be a multiple of every worker count from scaling.min_workers to scaling.workers "
+           f"({', '.join(map(str, sizes))}) so each group size splits the same global batch evenly")
+    _check(s.resize_interval_s >= 0, "scaling.resize_interval_s", s.resize_interval_s, "must be >= 0")
     _check(16 <= d.image_size <= 1024, "data.image_size", d.image_size, "must be in 16..1024")
     _check(d.resize_size >= d.image_size, "data.resize_size", d.resize_size,
            f"must be >= data.image_size ({d.image_size})")

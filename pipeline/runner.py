@@ -21,6 +21,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from pipeline import data, plots, storage
+from pipeline.cluster import check_local_paths
 from pipeline.config import Config, describe
 from pipeline.model import load_source_weights, match_classes
 from pipeline.train_loop import train_loop_per_worker
@@ -95,6 +96,7 @@ def begin(cfg: Config) -> None:
     storage.preflight(cfg.run.storage, write=True)
     storage.preflight(cfg.data.path, write=False)
     init_ray(cfg)
+    check_local_paths(cfg.data.path, cfg.run.storage)
     cluster = ray.cluster_resources()
     if cfg.scaling.workers == 0:
         cfg.scaling.workers = auto_workers(cfg, cluster)
@@ -277,17 +279,12 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
     augment = dataclasses.replace(prep.preset, scale=(cfg.data.crop_min_scale, 1.0),
                                   auto_augment=cfg.data.auto_augment)
     datasets = {"train": data.train_stream(train, augment, prep.res.data_task_cpus, seed=cfg.optim.seed)}
-    for rank, shard in enumerate(data.split_for_ranks(prep.splits[eval_split], cfg.scaling.workers)):
-        datasets[f"eval_{rank}"] = shard
     meta = {"classes": prep.classes, "mean": list(prep.source.mean), "std": list(prep.source.std),
             "arch": cfg.model.arch, "skipped_images": prep.skipped, "eval_split": eval_split,
             **({"reuse_rows": prep.reuse_rows, "rest_bias": prep.rest_bias}
                if cfg.model.reuse_classifier and prep.source_ref is not None else {}),
             **({"probe_head": prep.probe_head} if cfg.model.probe_init else {}),
-            # Ray Train's equal split gives every rank floor(n / workers) rows.
-            "train_rows_per_rank": train.num_images // cfg.scaling.workers,
-            "steps_per_epoch": math.ceil(train.num_images // cfg.scaling.workers
-                                         / (cfg.data.batch_size // cfg.scaling.workers))}
+            "train_images": train.num_images}
     res = prep.res
     # Checkpoints kept beside the latest: the best by test accuracy, or in a search trial by what the
     # search scores (tune.select_metric), so that a search judging best epochs finds its pick.
@@ -300,10 +297,14 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
     ingest.preserve_order = cfg.scaling.workers == 1
     return TorchTrainer(
         train_loop_per_worker,
+        # Exact per-rank eval shards for every size the worker group may have (one, unless elastic),
+        # cut here: a split needs a CPU that a worker node's training workers may all hold.
         train_loop_config={"config": cfg.to_dict(), "meta": meta, "torch_threads": res.torch_threads,
-                           "source": prep.source_ref},
+                           "source": prep.source_ref, "eval_shards": {
+                               n: data.split_for_ranks(prep.splits[eval_split], n) for n in group_sizes(cfg)}},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.workers, use_gpu=res.use_gpu,
+            num_workers=worker_count(cfg), use_gpu=res.use_gpu,
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_interval_s,
             resources_per_worker={"CPU": res.cpus_per_worker,
                                   **({"GPU": cfg.scaling.gpus_per_worker} if res.use_gpu else {})}),
         datasets=datasets,
@@ -321,6 +322,18 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
                                                          checkpoint_score_attribute=score,
                                                          checkpoint_score_order=order)),
     )
+
+
+def group_sizes(cfg: Config) -> range:
+    s = cfg.scaling
+    return range(s.min_workers or s.workers, s.workers + 1)
+
+
+def worker_count(cfg: Config) -> int | tuple[int, int]:
+    """Ray Train's num_workers: fixed, or (min, max) for an elastic group (scaling.min_workers) that
+    goes on with as few as min_workers when nodes are lost and grows back when they return."""
+    s = cfg.scaling
+    return (s.min_workers, s.workers) if 0 < s.min_workers < s.workers else s.workers
 
 
 def s3_uri(storage_root: str, path: str) -> str:

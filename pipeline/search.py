@@ -82,6 +82,8 @@ def trial_summary(result: tune.Result, cfg: Config) -> dict:
     the one tune.select_tolerance chose there), the score's standard error and how far the
     evaluated weights had moved from the start."""
     df = result.metrics_dataframe
+    if df is not None and "epoch" in df:  # a retried trial may report an epoch its first try reported
+        df = df.drop_duplicates("epoch", keep="last").sort_values("epoch")
     metric, _ = cfg.tune.objective()
     accs = df["val_acc"].tolist() if df is not None and "val_acc" in df else []
     # Searches saved before trials reported a loss have none: they ranked by accuracy.
@@ -234,10 +236,14 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
                 metric=metric, mode=mode, num_samples=cfg.tune.num_samples,
                 # Given explicitly, the generator enforces the concurrency limit itself.
                 search_alg=BasicVariantGenerator(random_state=cfg.optim.seed, max_concurrent=n_parallel),
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs,
+                # Epochs, not Tune's iteration count: a retried trial's first report is a later epoch.
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs,
                                         grace_period=cfg.tune.grace_period,
                                         reduction_factor=cfg.tune.reduction_factor)),
-            run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, verbose=0))
+            # A trial whose driver dies with its node is run again; its TorchTrainer, of the same name
+            # and storage, resumes from that trial's latest checkpoint.
+            run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures)))
     grid = tuner.fit()
 
     trials = sorted((trial_summary(r, cfg) for r in grid), key=lambda t: rank_key(t, cfg), reverse=True)

@@ -28,12 +28,11 @@ def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
-    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        # Keys from the driver's environment travel inside this (pickled) filesystem to Ray's
-        # data and train workers, which may not share that environment; they are never logged.
-        # Without them every process resolves AWS's chain itself (profile, instance role).
-        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
-                      session_token=os.environ.get("AWS_SESSION_TOKEN") or None)
+    # No keys here, whatever this process's environment holds: the filesystem is pickled into Ray's
+    # data tasks, train workers and Tune's experiment state (tuner.pkl in the run storage), and
+    # pyarrow pickles explicit keys with it. Without them every process that unpickles it resolves
+    # AWS's chain on its own node (environment, profile, instance role), as an IAM instance profile
+    # expects, and nothing written anywhere carries a credential.
     # Fail fast on a dead endpoint instead of retrying for minutes.
     return pafs.S3FileSystem(connect_timeout=5, request_timeout=30,
                              retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3), **kwargs)

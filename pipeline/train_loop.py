@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import sys
@@ -115,6 +116,13 @@ class EpochRunner:
     def __init__(self, cfg: Config, meta: dict, source: SourceWeights | None):
         self.cfg, self.meta = cfg, meta
         self.device = ray.train.torch.get_device()
+        # The global batch is the config's whatever the world size (an elastic group shrinks and
+        # grows): each rank takes its share, so the gradient, the learning rates and the steps per
+        # epoch are those of the config at every size.
+        self.world = ray.train.get_context().get_world_size()
+        self.local_batch = cfg.data.batch_size // self.world
+        self.rows_per_rank = meta["train_images"] // self.world  # Ray Train's equal split: floor(n / world)
+        self.steps_per_epoch = math.ceil(self.rows_per_rank / self.local_batch)
         self.bf16 = use_bf16(cfg.scaling.precision, self.device)
         model = build_for_config(cfg, len(meta["classes"]), source, meta.get("reuse_rows"), meta.get("rest_bias"),
                                  meta.get("probe_head"))
@@ -122,7 +130,7 @@ class EpochRunner:
         self.raw_model = model.to(self.device, memory_format=fmt)
         self.model = ray.train.torch.prepare_model(self.raw_model)
         self.optimizer = make_optimizer(self.raw_model, cfg)
-        self.scheduler = make_scheduler(self.optimizer, cfg, meta["steps_per_epoch"])
+        self.scheduler = make_scheduler(self.optimizer, cfg, self.steps_per_epoch)
         self.normalize = Normalizer(meta["mean"], meta["std"], cfg.scaling.channels_last).to(self.device)
         # WiSE-FT needs the start weights: to evaluate the interpolation, and in each checkpoint for
         # whoever loads it. Search trials (they evaluate on val) of a search that offers
@@ -135,10 +143,8 @@ class EpochRunner:
         keep = (cfg.model.wise_alpha != 1 or any(a != 1 for a in self.offered_alphas)
                 or (in_search and cfg.tune.select_tolerance > 0))
         self.start_weights = trainable_weights(self.raw_model) if keep else None
-        half_life_steps = cfg.optim.ema_half_life * meta["steps_per_epoch"]
+        half_life_steps = cfg.optim.ema_half_life * self.steps_per_epoch
         self.average = WeightAverage(self.raw_model, half_life_steps) if half_life_steps else None
-        self.world = ray.train.get_context().get_world_size()
-        self.local_batch = cfg.data.batch_size // self.world
         # Wall-clock times (start-up benchmarks): the first batch in hand, i.e. training begins,
         # and the first optimizer step done (one step later: seconds on a CPU).
         self.first_batch_unix = self.first_step_unix = 0.0
@@ -146,8 +152,7 @@ class EpochRunner:
     def _batches(self, shard, shuffle_seed: int | None = None):
         # The buffer mixes rows across several blocks: SGD needs class-mixed batches. It fills
         # before the first batch comes out, so it is capped at half this rank's epoch.
-        rows = self.meta.get("train_rows_per_rank", 8 * self.local_batch)
-        buffer = min(4 * self.local_batch, max(self.local_batch, rows // 2))
+        buffer = min(4 * self.local_batch, max(self.local_batch, self.rows_per_rank // 2))
         shuffle = shuffle_seed is not None
         return shard.iter_torch_batches(batch_size=self.local_batch, device=self.device, prefetch_batches=2,
                                         local_shuffle_buffer_size=buffer if shuffle else None,
@@ -306,6 +311,16 @@ def chosen_wise_alpha(alphas: list, scores: list, errors: list, goodness, tolera
     return min(close, key=lambda i: (alphas[i], i)), float(margin)
 
 
+def worker_nodes() -> list[str]:
+    """The Ray node ID of every rank, in rank order (one all-gather at the start of a worker group)."""
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [node]
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
 def train_loop_per_worker(loop_config: dict) -> list:
     """Entry point on every worker. Returns the epoch history (rank 0's is the run's)."""
     cfg = Config.from_dict(loop_config["config"])
@@ -321,8 +336,9 @@ def train_loop_per_worker(loop_config: dict) -> list:
 
     if rank == 0 and runner.average is not None:
         say(f"weight average: half-life {cfg.optim.ema_half_life:g} epochs = "
-            f"{cfg.optim.ema_half_life * meta['steps_per_epoch']:g} steps, decay {runner.average.decay:.5f} per step")
+            f"{cfg.optim.ema_half_life * runner.steps_per_epoch:g} steps, decay {runner.average.decay:.5f} per step")
     history: list = []
+    starts: list = []  # one entry per worker group that ran this run: where it began, and how wide
     start_epoch = 1
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -330,13 +346,16 @@ def train_loop_per_worker(loop_config: dict) -> list:
             state = load_checkpoint(d)
         runner.load_state_dict(state)
         torch.set_rng_state(state["rng"])
-        history, start_epoch = state["history"], state["epoch"] + 1
+        history, start_epoch, starts = state["history"], state["epoch"] + 1, state.get("starts", [])
         if rank == 0:
-            say(f"resuming from epoch {state['epoch']} checkpoint")
+            say(f"resuming from epoch {state['epoch']} checkpoint with {ctx.get_world_size()} worker(s)")
+    starts = [*starts, {"epoch": start_epoch, "world_size": ctx.get_world_size(), "unix": time.time()}]
+    nodes = worker_nodes()
 
     train_shard = ray.train.get_dataset_shard("train")
     eval_split = meta["eval_split"]  # 'test' for a run, 'val' inside a Tune search
-    eval_shard = ray.train.get_dataset_shard(f"eval_{rank}")
+    # Cut on the driver for every size the group may have: an elastic run's is known only here.
+    eval_shard = loop_config["eval_shards"][ctx.get_world_size()][rank]
     epochs = cfg.optim.epochs
     if start_epoch > epochs and history:
         # Resumed a run that had already finished (its driver died before hearing so):
@@ -357,7 +376,8 @@ def train_loop_per_worker(loop_config: dict) -> list:
         metrics.update(runner.evaluate(eval_shard, eval_split))
         metrics.update(epoch=epoch, examples_per_sec=metrics["train_images"] / train_s,
                        first_batch_unix=runner.first_batch_unix, first_step_unix=runner.first_step_unix,
-                       epoch_time_s=time.perf_counter() - t0, skipped_images=meta["skipped_images"])
+                       epoch_time_s=time.perf_counter() - t0, skipped_images=meta["skipped_images"],
+                       world_size=ctx.get_world_size(), worker_nodes=nodes, attempt=len(starts) - 1)
         history.append(metrics)
         if rank == 0:
             say(f"epoch {epoch}/{epochs}  loss {metrics['train_loss']:.3f}  train acc {metrics['train_acc']:.3f}"
@@ -368,7 +388,7 @@ def train_loop_per_worker(loop_config: dict) -> list:
                 + (f"  [{meta['skipped_images']} undecodable images skipped]" if meta["skipped_images"] else ""))
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, {**runner.state_dict(), "epoch": epoch, "config": loop_config["config"],
-                                      "history": history, "rng": torch.get_rng_state(),
+                                      "history": history, "starts": starts, "rng": torch.get_rng_state(),
                                       **{k: meta[k] for k in ("classes", "mean", "std", "arch")}})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
