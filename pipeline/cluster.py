@@ -57,8 +57,8 @@ def _probe(kind: str, path: str) -> str:
 
 def nodes_missing(kind: str, path: str, expected: str, nodes: list[str]) -> list[str]:
     """The nodes whose view of path differs from expected (or that did not answer in time)."""
-    refs = {node: _probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(kind, path)
-            for node in nodes}
+    refs = {node: _probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+            .remote(kind, path) for node in nodes}
     ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
     answers = {}
     for node, ref in refs.items():

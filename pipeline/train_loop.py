@@ -377,7 +377,8 @@ def train_loop_per_worker(loop_config: dict) -> list:
         metrics.update(epoch=epoch, examples_per_sec=metrics["train_images"] / train_s,
                        first_batch_unix=runner.first_batch_unix, first_step_unix=runner.first_step_unix,
                        epoch_time_s=time.perf_counter() - t0, skipped_images=meta["skipped_images"],
-                       world_size=ctx.get_world_size(), worker_nodes=nodes, attempt=len(starts) - 1)
+                       world_size=ctx.get_world_size(), per_worker_batch=runner.local_batch,
+                       lr=runner.optimizer.param_groups[0]["lr"], worker_nodes=nodes, attempt=len(starts) - 1)
         history.append(metrics)
         if rank == 0:
             say(f"epoch {epoch}/{epochs}  loss {metrics['train_loss']:.3f}  train acc {metrics['train_acc']:.3f}"

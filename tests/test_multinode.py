@@ -1,0 +1,289 @@
+"""The pipeline on a real 3-node Ray cluster on this machine (ray.cluster_utils.Cluster: one raylet,
+object store and set of resources per node), with SeaweedFS as the only storage every node shares.
+
+- the head has no CPU: the driver (`finetune ...`, run as a user runs it, with RAY_ADDRESS) lives there,
+  and every data task, training worker and trial lands on a worker node;
+- each worker node has 2 CPUs and training workers ask for 1.5: two workers never share a node;
+- each node resolves S3 credentials from its own environment: the driver's node one identity, the
+  worker nodes another, so a key that travels from the driver shows up where it must not;
+- nodes are removed by killing their processes (a crashed host) and replaced by new ones.
+Everything started here is stopped through its own handle; nothing machine-wide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import boto3
+import numpy as np
+import pytest
+
+from pipeline.devs3 import Identity, LocalS3, free_port
+from pipeline.synthetic import make_image_folder
+from tests.conftest import REPO
+
+WORKER_NODE = {"num_cpus": 2, "object_store_memory": 300 * 2**20}
+# Two workers of 1.5 CPUs cannot share a 2-CPU node: DDP is forced across nodes, and 0.5 CPU per node
+# stays free for the data tasks.
+TWO_NODE_RUN = ["--config", "configs/smoke_cpu.yaml", "--workers", "2", "--scaling.cpus_per_worker", "1.5",
+                "--run.keep_checkpoints", "10", "--data.preview_images", "0"]
+
+
+class LocalCluster:
+    """A head without CPUs plus worker nodes, each node with its own S3 identity in its environment."""
+
+    def __init__(self, s3: LocalS3, temp_dir: str):
+        from ray.cluster_utils import Cluster
+
+        self.s3 = s3
+        self.temp_dir = temp_dir
+        self.dashboard_port = free_port()
+        # Lost nodes are noticed within seconds (Ray's default health check takes about half a minute).
+        self.cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+            "num_cpus": 0, "object_store_memory": 200 * 2**20, "include_dashboard": True,
+            "dashboard_port": self.dashboard_port, "temp_dir": temp_dir, "env_vars": s3.env("driver"),
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+        self.workers = [self.add_worker() for _ in range(2)]
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add_worker(self):
+        node = self.cluster.add_node(**WORKER_NODE, env_vars=self.s3.env("node"))
+        return node
+
+    def remove_worker(self, node) -> float:
+        """Kill a worker node's processes at once, as a crashed host; returns the time of the kill."""
+        t = time.time()
+        self.cluster.remove_node(node, allow_graceful=False)
+        self.workers.remove(node)
+        return t
+
+    def replace_worker(self, node) -> None:
+        self.remove_worker(node)
+        self.workers.append(self.add_worker())
+
+    def driver_env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(self.s3.env("driver"), RAY_ADDRESS=self.address, PYTHONUNBUFFERED="1")
+        return env
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()  # every worker node, then the head
+
+
+@pytest.fixture(scope="module")
+def mn_s3(tmp_path_factory):
+    admin = ["Admin", "Read", "Write", "List", "Tagging"]
+    server = LocalS3(str(tmp_path_factory.mktemp("mn-seaweedfs")), {
+        name: Identity(f"{name}-{secrets.token_hex(4)}", secrets.token_hex(16), admin)
+        for name in ("admin", "driver", "node")}).start()
+    for bucket in ("runs", "datasets"):
+        server.create_bucket(bucket)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(mn_s3):
+    temp_dir = tempfile.mkdtemp(prefix="raymn-", dir="/tmp")  # short: Ray's socket paths have a length cap
+    c = LocalCluster(mn_s3, temp_dir)
+    yield c
+    c.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def s3_client(s3: LocalS3, identity: str = "admin"):
+    env = s3.env(identity)
+    return boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+
+
+def keys(s3: LocalS3, bucket: str, prefix: str = "") -> list[str]:
+    pages = s3_client(s3).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def read_object(s3: LocalS3, bucket: str, key: str) -> bytes:
+    return s3_client(s3).get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+@pytest.fixture(scope="module")
+def mn_data(cluster, tmp_path_factory):
+    """A generated 2-class set staged to s3://datasets/mn by the driver (`finetune data stage`): 320 train
+    images, so that an epoch lasts long enough to lose a node in the middle of it."""
+    local = make_image_folder(str(tmp_path_factory.mktemp("mn-data")), train_per_class=160, test_per_class=20, size=64)
+    finetune(cluster, "data", "stage", local, "s3://datasets/mn")
+    return {"local": local, "s3": "s3://datasets/mn"}
+
+
+def finetune(cluster: LocalCluster, *args: str, timeout: float = 600, check: bool = True):
+    """`finetune ARGS` on the head node, as a user runs it there (RAY_ADDRESS set)."""
+    run = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=cluster.driver_env(),
+                         capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def start_finetune(cluster: LocalCluster, log_path: str, *args: str) -> subprocess.Popen:
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=cluster.driver_env(),
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: str = ""):
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before {what}:\n{open(log).read()[-4000:]}")
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def checkpoints(s3: LocalS3, prefix: str) -> list[str]:
+    """The checkpoint folders (keys) of a run, oldest first."""
+    return sorted({k.rsplit("/", 1)[0] for k in keys(s3, "runs", prefix) if k.endswith("/checkpoint.pt")})
+
+
+def load_state(s3: LocalS3, checkpoint_key: str, dest: str) -> tuple[str, dict]:
+    from pipeline.train_loop import load_checkpoint
+
+    os.makedirs(dest, exist_ok=True)
+    for key in (k for k in keys(s3, "runs", checkpoint_key + "/") if not k.endswith("/")):
+        with open(os.path.join(dest, key.rsplit("/", 1)[1]), "wb") as fh:
+            fh.write(read_object(s3, "runs", key))
+    return dest, load_checkpoint(dest)
+
+
+def accuracy_through_classifier(checkpoint_dir: str, data_root: str) -> tuple[float, int]:
+    from pipeline.data import scan_image_folder
+    from pipeline.inference import Classifier
+
+    clf = Classifier(checkpoint_dir)
+    files = scan_image_folder(data_root).files["test"]
+    images = []
+    for path, _ in files:
+        with open(path, "rb") as fh:
+            images.append(clf.prepare(fh.read()))
+    labels = np.array([label for _, label in files])
+    return float((clf.probabilities(np.stack(images)).argmax(1) == labels).mean()), len(files)
+
+
+def worker_node_ids(cluster: LocalCluster) -> set[str]:
+    return {n.node_id for n in cluster.workers}
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+def test_multinode_ddp_ranks_on_two_nodes_count_every_image_once(cluster, mn_data, mn_s3):
+    run = finetune(cluster, "train", *TWO_NODE_RUN, "--data", mn_data["s3"], "--storage", "s3://runs/mn",
+                   "--name", "ddp", "--epochs", "2")
+    history = json.loads(read_object(mn_s3, "runs", "mn/ddp/metrics.json"))
+    assert [h["epoch"] for h in history] == [1, 2]
+    for h in history:
+        nodes = h["worker_nodes"]
+        assert h["world_size"] == 2 and len(nodes) == 2 and nodes[0] != nodes[1], nodes
+        assert set(nodes) == worker_node_ids(cluster)  # the head has no CPU: no rank there
+        assert h["test_images"] == 40  # every test image counted once across the two nodes
+        assert h["train_images"] == 320
+    assert "cluster: 4 CPUs, 0 GPUs | workers=2" in run.stdout
+
+
+def lose_a_node_mid_epoch(cluster: LocalCluster, s3: LocalS3, prefix: str, proc, log: str,
+                          replace_after_s: float) -> float:
+    """Once the run's first checkpoint is in storage (epoch 1 done), let epoch 2 get going, kill a worker
+    node, and start a replacement replace_after_s later. Returns the time of the kill."""
+    wait_for(lambda: checkpoints(s3, prefix), 300, "the first checkpoint", proc, log)
+    time.sleep(2)  # into epoch 2 (an epoch here lasts about ten seconds)
+    killed = cluster.remove_worker(cluster.workers[-1])
+    time.sleep(replace_after_s)
+    cluster.workers.append(cluster.add_worker())
+    return killed
+
+
+def test_multinode_node_loss_resumes_from_the_latest_checkpoint(cluster, mn_data, mn_s3, tmp_path):
+    log = str(tmp_path / "driver.log")
+    proc = start_finetune(cluster, log, "train", *TWO_NODE_RUN, "--data", mn_data["s3"], "--storage",
+                          "s3://runs/mn", "--name", "node-loss", "--epochs", "4", "--run.max_failures", "3")
+    killed = lose_a_node_mid_epoch(cluster, mn_s3, "mn/node-loss/", proc, log, replace_after_s=3)
+    assert proc.wait(timeout=600) == 0, open(log).read()[-5000:]
+    history = json.loads(read_object(mn_s3, "runs", "mn/node-loss/metrics.json"))
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # every epoch exactly once
+    # One restart, into epoch 2: the first group trained epoch 1 (and part of 2), the second the rest. A
+    # run that started over from epoch 1 would have a second start at epoch 1.
+    _, state = load_state(mn_s3, checkpoints(mn_s3, "mn/node-loss/")[-1], str(tmp_path / "final"))
+    assert [s["epoch"] for s in state["starts"]] == [1, 2], state["starts"]
+    assert [h["attempt"] for h in history] == [0, 1, 1, 1]
+    assert all(h["world_size"] == 2 for h in history)
+    assert set(history[-1]["worker_nodes"]) == worker_node_ids(cluster)  # the replacement took a rank
+    recovery = history[1]["first_step_unix"] - killed
+    print(f"\nnode loss: recovered in {recovery:.1f} s (kill -> first step after resume), 1 epoch recomputed")
+    acc, n = accuracy_through_classifier(str(tmp_path / "final"), mn_data["local"])
+    assert n == history[-1]["test_images"] and acc == pytest.approx(history[-1]["test_acc"], abs=1e-9)
+
+
+def test_multinode_elastic_run_goes_on_with_one_node_and_grows_back(cluster, mn_data, mn_s3, tmp_path):
+    log = str(tmp_path / "driver.log")
+    proc = start_finetune(cluster, log, "train", *TWO_NODE_RUN, "--data", mn_data["s3"], "--storage",
+                          "s3://runs/mn", "--name", "elastic", "--epochs", "5", "--scaling.min_workers", "1",
+                          "--scaling.resize_interval_s", "2", "--run.max_failures", "3")
+    wait_for(lambda: checkpoints(mn_s3, "mn/elastic/"), 300, "the first checkpoint", proc, log)
+    time.sleep(2)
+    cluster.remove_worker(cluster.workers[-1])
+    # No replacement until the group has finished an epoch on the one node left: it must not wait for one.
+    wait_for(lambda: len(checkpoints(mn_s3, "mn/elastic/")) >= 2, 300, "an epoch on one node", proc, log)
+    cluster.workers.append(cluster.add_worker())
+    assert proc.wait(timeout=600) == 0, open(log).read()[-5000:]
+    history = json.loads(read_object(mn_s3, "runs", "mn/elastic/metrics.json"))
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+    _, state = load_state(mn_s3, checkpoints(mn_s3, "mn/elastic/")[-1], str(tmp_path / "final"))
+    starts = [(s["epoch"], s["world_size"]) for s in state["starts"]]
+    # Shrunk to one worker into epoch 2; grown back to two (from the latest checkpoint, at the first resize
+    # check after the new node was up) before the last epoch.
+    assert len(starts) == 3 and starts[:2] == [(1, 2), (2, 1)] and starts[2][1] == 2 and starts[2][0] <= 5, starts
+    grown = starts[2][0]
+    assert [h["world_size"] for h in history] == [2] + [1] * (grown - 2) + [2] * (6 - grown)
+    assert set(history[-1]["worker_nodes"]) == worker_node_ids(cluster)
+    # The global batch, the steps per epoch and the learning rate are the config's at every size.
+    for h in history:
+        assert h["per_worker_batch"] * h["world_size"] == 32 and h["train_images"] == 320, h
+    assert len({h["lr"] for h in history}) == 1
+
+
+def test_multinode_local_paths_the_nodes_cannot_see_are_refused_before_training(cluster, mn_data, tmp_path):
+    """The driver runs in a mount namespace of its own with a private folder (tmpfs) that no node's
+    processes see, not even the head's: on a real cluster, a disk of the machine the driver runs on."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("needs unshare -m (root) to give the driver a folder the nodes cannot see")
+    private = tmp_path / "driver-only"
+    private.mkdir()
+    shared_runs = tmp_path / "shared-runs"
+
+    def run_privately(data: str, storage: str):
+        script = (f"mount -t tmpfs none {private} && cp -r {mn_data['local']} {private}/data && "
+                  f"exec {sys.executable} -m pipeline.cli train {' '.join(TWO_NODE_RUN)} --data {data} "
+                  f"--storage {storage} --name private --epochs 1")
+        return subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, env=cluster.driver_env(),
+                              capture_output=True, text=True, timeout=300)
+
+    for data, storage, flag in ((f"{private}/data", str(shared_runs), "--data"),
+                                (mn_data["local"], f"{private}/runs", "--storage")):
+        t0 = time.time()
+        run = run_privately(data, storage)
+        assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
+        err = run.stderr.strip().splitlines()[-1]
+        assert err.startswith("error: the ")
+        assert f"({flag}) is a local path, and 3 of the cluster's 3 nodes do not see it as the driver does" in err
+        assert ("finetune data stage" in err and "s3://" in err) if flag == "--data" else "--storage s3://" in err
+        assert "Traceback" not in run.stderr and "epoch 1" not in run.stdout and "resources:" not in run.stdout
+        print(f"\n{flag} refused in {time.time() - t0:.1f} s: {err}")
