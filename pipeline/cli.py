@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 from pipeline.config import ConfigError, add_config_args, config_from_args
 
@@ -205,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"PROBLEM: {e}" if args.func is _data_check else f"error: {e}", file=sys.stderr)
         return 1
     except (FetchError, storage.StorageError, FileNotFoundError) as e:
+        if os.environ.get("RAY_FINETUNE_LOG") == "debug":
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -72,7 +72,7 @@ def nodes_missing(kind: str, path: str, expected: str, nodes: list[str]) -> list
 def _refusal(what: str, flag: str, path: str, missing: list[str], total: int, fix: str) -> StorageError:
     return StorageError(
         f"{what} {path} ({flag}) is a local path, and {len(missing)} of the cluster's {total} nodes do not see it "
-        f"as this node does (node {', '.join(n[:12] for n in missing)}): the nodes of a cluster do not share a disk, "
+        f"as the driver does (node {', '.join(n[:12] for n in missing)}): the nodes of a cluster do not share a disk, "
         f"and the run would fail on them mid-epoch. {fix}")
 
 

@@ -100,7 +100,7 @@ def run_experiment(cfg: Config) -> dict:
     seeds = list(range(cfg.experiment.seeds))
     begin(cfg)
     print(f"experiment: {exp_dir}\nrows: {', '.join(rows)} | seeds {seeds}", flush=True)
-    prep = with_light_cpu_claim(prepare(cfg))  # rows and the search's trials run back to back
+    prep = with_light_cpu_claim(prepare(cfg), cfg)  # rows and the search's trials run back to back
     fs, path = storage.resolve(cfg.run.storage)
     exp_path = f"{path}/{name}"
     results: dict = {"experiment": exp_dir, "dataset": cfg.data.path, "arch": cfg.model.arch,

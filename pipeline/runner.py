@@ -236,16 +236,17 @@ def with_eval_crop(prep: Prepared, cfg: Config, eval_crop: int, splits: tuple[st
     return dataclasses.replace(prep, preset=preset, splits={**prep.splits, **redo})
 
 
-def with_light_cpu_claim(prep: Prepared) -> Prepared:
+def with_light_cpu_claim(prep: Prepared, cfg: Config) -> Prepared:
     """On CPU-only clusters, workers claim 0.25 logical CPU each instead of their real share, for
-    callers that run many TorchTrainers back to back (a search, the experiment's rows).
+    callers that run many TorchTrainers back to back (a search, the experiment's rows), unless
+    scaling.cpus_per_worker says what a worker claims.
 
     A TorchTrainer's CPU claim can outlive it: its reservation with Ray Data's resource
     coordinator lasts up to 180 s after it stops, and when Tune ends a trial's actor before its
     controller has cleaned up, the placement group stays until Ray Train's PlacementGroupCleaner
     removes it (which needs the dashboard's state API). With full claims the next trainer's data
     tasks then find no CPU and wait. Threads still follow the real CPU share (res.torch_threads)."""
-    if prep.res.use_gpu:
+    if prep.res.use_gpu or cfg.scaling.cpus_per_worker is not None:  # a claim the user set is kept
         return prep
     return dataclasses.replace(prep, res=dataclasses.replace(prep.res, cpus_per_worker=0.25))
 

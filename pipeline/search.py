@@ -109,6 +109,7 @@ def trial_summary(result: tune.Result, cfg: Config) -> dict:
             f"{metric}_se": None if at is None else errors[at],
             "weight_distance": None if at is None else distances[at],
             "val_acc_curve": accs, "val_loss_curve": losses, "stopped_early": 0 < len(accs) < cfg.optim.epochs,
+            "worker_nodes": result.metrics.get("worker_nodes", []),
             "error": str(result.error) if result.error else ""}
 
 
@@ -215,7 +216,7 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     sizing = dataclasses.replace(cfg, scaling=dataclasses.replace(
         cfg.scaling, workers=cfg.tune.workers_per_trial * n_parallel))
     prep = prepare(sizing, val_fraction=cfg.tune.val_fraction)
-    prep = with_light_cpu_claim(prep)  # concurrency is capped above, by the real CPUs
+    prep = with_light_cpu_claim(prep, cfg)  # concurrency is capped above, by the real CPUs
     print(f"search: {name}  {cfg.tune.num_samples} trials, {n_parallel} at a time, "
           f"{cfg.tune.workers_per_trial} worker(s) each, ASHA on {metric} (grace {cfg.tune.grace_period}, "
           f"reduction {cfg.tune.reduction_factor})\nexperiment: {exp_dir}", flush=True)
