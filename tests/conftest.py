@@ -16,11 +16,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3):
     """A real local Ray (the same in-process start a user's `finetune train` does), with the
     dashboard as a user's has it: Ray Train's PlacementGroupCleaner asks its state API whether a
     run's controller is gone, and without it the placement groups of runs that Tune ends early
-    stay, holding CPUs that later Ray Data tasks then wait for."""
+    stay, holding CPUs that later Ray Data tasks then wait for.
+
+    Started after the S3 server, with its credentials in the environment: Ray's worker processes
+    inherit the environment of the ray.init that started them, and resolve S3 credentials from it
+    (no key travels in what Ray pickles)."""
     if not ray.is_initialized():
         from pipeline.devs3 import free_port
 

@@ -247,7 +247,7 @@ def test_multinode_elastic_run_goes_on_with_one_node_and_grows_back(cluster, mn_
                           "--scaling.resize_interval_s", "2", "--run.max_failures", "3")
     wait_for(lambda: checkpoints(mn_s3, "mn/elastic/"), 300, "the first checkpoint", proc, log)
     time.sleep(2)
-    cluster.remove_worker(cluster.workers[-1])
+    killed = cluster.remove_worker(cluster.workers[-1])
     # No replacement until the group has finished an epoch on the one node left: it must not wait for one.
     wait_for(lambda: len(checkpoints(mn_s3, "mn/elastic/")) >= 2, 300, "an epoch on one node", proc, log)
     cluster.workers.append(cluster.add_worker())
@@ -266,6 +266,8 @@ def test_multinode_elastic_run_goes_on_with_one_node_and_grows_back(cluster, mn_
     for h in history:
         assert h["per_worker_batch"] * h["world_size"] == 32 and h["train_images"] == 320, h
     assert len({h["lr"] for h in history}) == 1
+    print(f"\nelastic: on 1 worker {history[1]['first_step_unix'] - killed:.1f} s after the kill, grown back to 2 at "
+          f"epoch {grown}")
 
 
 def test_multinode_local_paths_the_nodes_cannot_see_are_refused_before_training(cluster, mn_data, tmp_path):
