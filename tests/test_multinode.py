@@ -404,7 +404,7 @@ def test_multinode_no_credentials_travel_or_land_anywhere(cluster, mn_s3, clean_
                 body = read_object(mn_s3, bucket, key)
                 scanned += 1
                 hits += [f"s3://{bucket}/{key}: {what}" for what, v in wanted.items() if v in body]
-    assert scanned > 100 and any(k.endswith("tuner.pkl") for k in keys(mn_s3, "runs", "mn/search-loss/"))
+    assert scanned > 50 and any(k.endswith("tuner.pkl") for k in keys(mn_s3, "runs", "mn/"))
     for root, _, files in os.walk(cluster.temp_dir):  # every node's session folder: logs, job working dirs
         for name in files:
             try:
