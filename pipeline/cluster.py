@@ -16,7 +16,7 @@ import secrets
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline.storage import StorageError
+from pipeline.storage import StorageError, resolve
 
 PROBE_TIMEOUT_S = 60.0
 MARKER = ".ray-finetune-visible"
@@ -82,7 +82,7 @@ def check_local_paths(data_path: str, storage_path: str) -> None:
     if len(nodes) < 2:
         return
     if data_path and not data_path.startswith("s3://"):
-        path = os.path.abspath(os.path.expanduser(data_path))
+        path = resolve(data_path)[1]
         missing = nodes_missing("data", path, folder_fingerprint(path), nodes)
         if missing:
             raise _refusal("the dataset", "--data", path, missing, len(nodes),
@@ -90,7 +90,7 @@ def check_local_paths(data_path: str, storage_path: str) -> None:
                            "s3://BUCKET/PREFIX`, then train with --data s3://BUCKET/PREFIX (or copy it to the "
                            "same path on every node).")
     if not storage_path.startswith("s3://"):
-        path = os.path.abspath(os.path.expanduser(storage_path))
+        path = resolve(storage_path)[1]
         token = secrets.token_hex(16)
         marker = os.path.join(path, f"{MARKER}-{token}")
         os.makedirs(path, exist_ok=True)

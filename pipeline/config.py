@@ -161,6 +161,10 @@ class ScalingConfig:
     precision: str = _f("auto", "'auto' (bf16 autocast on GPUs and CPUs that support it), 'bf16' or 'fp32'.",
                         flag="--precision")
     channels_last: bool = _f(True, "Use the channels_last memory format (faster convolutions).")
+    def group_sizes(self) -> range:
+        """Every worker-group size the run may have: scaling.workers, or min_workers..workers when elastic."""
+        return range(self.min_workers or self.workers, self.workers + 1)
+
     heap_reuse: bool = _f(False, "Training workers keep freed memory in glibc's heap (one arena, no mmap, no "
                           "trim) instead of unmapping every large block: a step's activations (hundreds of MB) "
                           "reuse pages rather than being mapped and zero-filled by the kernel again each step. "
@@ -400,7 +404,7 @@ def validate(cfg: Config) -> Config:
            d.batch_size, f"must be a multiple of scaling.workers ({s.workers}) so every worker gets an equal share")
     _check(s.min_workers == 0 or 1 <= s.min_workers <= s.workers, "scaling.min_workers", s.min_workers,
            f"must be 0 (not elastic) or in 1..scaling.workers ({s.workers}; set scaling.workers too)")
-    sizes = range(s.min_workers or s.workers, s.workers + 1)
+    sizes = s.group_sizes()
     _check(s.workers == 0 or all(d.batch_size % n == 0 for n in sizes), "data.batch_size", d.batch_size,
            f"must be a multiple of every worker count from scaling.min_workers to scaling.workers "
            f"({', '.join(map(str, sizes))}) so each group size splits the same global batch evenly")

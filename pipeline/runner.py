@@ -302,7 +302,7 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
         # cut here: a split needs a CPU that a worker node's training workers may all hold.
         train_loop_config={"config": cfg.to_dict(), "meta": meta, "torch_threads": res.torch_threads,
                            "source": prep.source_ref, "eval_shards": {
-                               n: data.split_for_ranks(prep.splits[eval_split], n) for n in group_sizes(cfg)}},
+                               n: data.split_for_ranks(prep.splits[eval_split], n) for n in cfg.scaling.group_sizes()}},
         scaling_config=ray.train.ScalingConfig(
             num_workers=worker_count(cfg), use_gpu=res.use_gpu,
             elastic_resize_monitor_interval_s=cfg.scaling.resize_interval_s,
@@ -323,11 +323,6 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
                                                          checkpoint_score_attribute=score,
                                                          checkpoint_score_order=order)),
     )
-
-
-def group_sizes(cfg: Config) -> range:
-    s = cfg.scaling
-    return range(s.min_workers or s.workers, s.workers + 1)
 
 
 def worker_count(cfg: Config) -> int | tuple[int, int]:
