@@ -311,14 +311,17 @@ def submit(cluster: LocalCluster, job: str, *args: str) -> tuple[str, str]:
     address = f"http://127.0.0.1:{cluster.dashboard_port}"
     sid = f"{job}-{secrets.token_hex(4)}"
     env = {k: v for k, v in cluster.driver_env().items() if k != "RAY_ADDRESS"}
-    subprocess.run([RAY, "job", "submit", "--address", address, "--submission-id", sid, "--working-dir", ".",
-                    "--runtime-env", "jobs/runtime_env.yaml", "--", "python", f"jobs/{job}.py", *args],
-                   cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    submitted = subprocess.run([RAY, "job", "submit", "--address", address, "--submission-id", sid,
+                                "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--", "python",
+                                f"jobs/{job}.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=900)
     status = subprocess.run([RAY, "job", "status", sid, "--address", address], env=env, capture_output=True,
-                            text=True).stdout
+                            text=True)
     logs = subprocess.run([RAY, "job", "logs", sid, "--address", address], env=env, capture_output=True,
                           text=True).stdout
-    return status, logs
+    # A job that never started has no logs: what `ray job submit` itself said is the explanation.
+    said = f"submit exit {submitted.returncode}:\n{submitted.stdout[-3000:]}\n{submitted.stderr[-3000:]}\n"
+    return status.stdout + status.stderr, said + logs
 
 
 @pytest.fixture(scope="module")
