@@ -245,7 +245,8 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
             # and storage, resumes from that trial's latest checkpoint.
             run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures)))
-    grid = tuner.fit()
+    with storage.keys_held_in_a_private_file():
+        grid = tuner.fit()
 
     trials = sorted((trial_summary(r, cfg) for r in grid), key=lambda t: rank_key(t, cfg), reverse=True)
     best_trial, trial_margin = pick_trial(trials, cfg)

@@ -6,9 +6,12 @@ boto3 honours) and passed to pyarrow explicitly: both clients always agree.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
+import shutil
+import tempfile
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -36,6 +39,49 @@ def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
     # Fail fast on a dead endpoint instead of retrying for minutes.
     return pafs.S3FileSystem(connect_timeout=5, request_timeout=30,
                              retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3), **kwargs)
+
+
+KEY_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+@contextlib.contextmanager
+def keys_held_in_a_private_file():
+    """While inside, this process's AWS keys live in a private shared-credentials file, not in its
+    environment; AWS clients here (pyarrow, boto3) keep resolving them through their usual chain.
+
+    Ray Tune copies AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and the session token from the driver's
+    environment into every trial's runtime_env, which sends them to whichever node runs the trial
+    and into its runtime-env agent log. Around `Tuner.fit` the keys are therefore out of the
+    environment; every node resolves its own credentials (environment, profile or instance role)."""
+    keys = {k: os.environ[k] for k in KEY_VARIABLES if k in os.environ}
+    if "AWS_ACCESS_KEY_ID" not in keys or "AWS_SECRET_ACCESS_KEY" not in keys:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in (*KEY_VARIABLES, "AWS_SHARED_CREDENTIALS_FILE")}
+    folder = tempfile.mkdtemp(prefix="ray-finetune-credentials-")  # mode 0700: this user only
+    path = os.path.join(folder, "credentials")
+    token = keys.get("AWS_SESSION_TOKEN") or keys.get("AWS_SECURITY_TOKEN")
+    entry = [f"aws_access_key_id = {keys['AWS_ACCESS_KEY_ID']}",
+             f"aws_secret_access_key = {keys['AWS_SECRET_ACCESS_KEY']}"]
+    entry += [f"aws_session_token = {token}"] if token else []
+    # Keys in the environment win over any profile: the same keys under whichever profile is selected.
+    lines = [line for name in dict.fromkeys(["default", os.environ.get("AWS_PROFILE") or "default"])
+             for line in (f"[{name}]", *entry)]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    for k in KEY_VARIABLES:
+        os.environ.pop(k, None)
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = path
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -52,6 +52,9 @@ class LocalCluster:
         self.cluster = Cluster(initialize_head=True, connect=False, head_node_args={
             "num_cpus": 0, "object_store_memory": 200 * 2**20, "include_dashboard": True,
             "dashboard_port": self.dashboard_port, "temp_dir": temp_dir, "env_vars": head_env,
+            # Ray's default agent port (52365) may already be taken by another Ray on this machine (the
+            # test session's own); a job is submitted through the head's agent, so it gets a port of its own.
+            "dashboard_agent_listen_port": free_port(),
             "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
         self.workers = [self.add_worker(cpus) for cpus in worker_cpus]
 
@@ -65,7 +68,8 @@ class LocalCluster:
         # So each node also needs its own log monitor to stream its workers' output to the driver.
         temp_dir = tempfile.mkdtemp(prefix="w", dir=self.temp_dir)
         return self.cluster.add_node(**{**WORKER_NODE, "num_cpus": cpus}, env_vars=self.s3.env("node"),
-                                     temp_dir=temp_dir, include_log_monitor=True)
+                                     temp_dir=temp_dir, include_log_monitor=True,
+                                     dashboard_agent_listen_port=free_port())
 
     def remove_worker(self, node) -> float:
         """Kill a worker node's processes at once, as a crashed host; returns the time of the kill."""
@@ -311,6 +315,14 @@ def submit(cluster: LocalCluster, job: str, *args: str) -> tuple[str, str]:
     address = f"http://127.0.0.1:{cluster.dashboard_port}"
     sid = f"{job}-{secrets.token_hex(4)}"
     env = {k: v for k, v in cluster.driver_env().items() if k != "RAY_ADDRESS"}
+    # A head whose dashboard agent has not registered yet refuses jobs ("No available agent"): wait for it
+    # with an empty job, so that the real one and its working_dir package are submitted exactly once.
+    for _ in range(60):
+        probe = subprocess.run([RAY, "job", "submit", "--address", address, "--", "true"], env=env,
+                               capture_output=True, text=True, timeout=120)
+        if "No available agent" not in probe.stderr:
+            break
+        time.sleep(2)
     submitted = subprocess.run([RAY, "job", "submit", "--address", address, "--submission-id", sid,
                                 "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--", "python",
                                 f"jobs/{job}.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
@@ -415,11 +427,9 @@ def test_multinode_no_credentials_travel_or_land_anywhere(cluster, mn_s3, clean_
                     body = fh.read()
             except OSError:  # sockets
                 continue
-            found = [f"{root}/{name}: {what}" for what, v in wanted.items() if v in body]
-            # Known gap, not ours to fix in Ray: Tune copies the driver's AWS_* variables into every trial
-            # actor's runtime_env (ray/tune/execution/class_cache.py, ENV_VARS_TO_PROPAGATE), and each node's
-            # runtime env agent logs that env. Every other file must be clean.
-            hits += [] if name.startswith("runtime_env_agent") else found
+            # Including each node's runtime env agent log: Ray Tune copies the driver's AWS_* variables into
+            # every trial's runtime_env, and that agent logs it; the search keeps them out of its environment.
+            hits += [f"{root}/{name}: {what}" for what, v in wanted.items() if v in body]
     assert not hits, hits
 
     for k, v in mn_s3.env("driver").items():

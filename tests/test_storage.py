@@ -178,3 +178,19 @@ def test_weights_from_s3_are_verified_and_cached(s3, source_weights, tmp_path):
         client.upload_file(source_weights, "datasets", "weights/other.pth")
         load_source_weights(ModelConfig(arch="resnet18", weights="s3://datasets/weights/other.pth",
                                         weights_sha256="0" * 64))
+
+
+def test_keys_leave_the_environment_but_the_storage_still_works(s3):
+    """Around a search the keys move out of os.environ (Ray Tune would copy them into every trial's
+    runtime_env); pyarrow and boto3 in this process still reach the bucket through the profile file."""
+    before = {k: os.environ.get(k) for k in storage.KEY_VARIABLES + ("AWS_SHARED_CREDENTIALS_FILE",)}
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    with storage.keys_held_in_a_private_file():
+        assert not any(k in os.environ for k in storage.KEY_VARIABLES)
+        assert secret not in "".join(os.environ.values())
+        held = os.environ["AWS_SHARED_CREDENTIALS_FILE"]
+        assert os.stat(held).st_mode & 0o077 == 0
+        storage.write_bytes("s3://runs/keys/probe.txt", b"held")
+        assert storage.read_bytes("s3://runs/keys/probe.txt") == b"held"
+        storage.preflight("s3://runs/keys", write=True)  # boto3
+    assert {k: os.environ.get(k) for k in before} == before and not os.path.exists(held)
