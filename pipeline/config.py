@@ -9,6 +9,7 @@ Unknown keys are rejected and every value is validated before any Ray work.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -340,7 +341,10 @@ def coerce(name: str, value: Any, typ: type) -> Any:
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # 'inf' and 'nan' parse as floats, and no field means them
+                raise ConfigError(name, value, "must be a finite number")
+            return number
         if typ is list or typing.get_origin(typ) is list:
             items = value if isinstance(value, (list, tuple)) else [x for x in str(value).split(",") if x.strip()]
             element = (typing.get_args(typ) or (float,))[0]
@@ -350,7 +354,11 @@ def coerce(name: str, value: Any, typ: type) -> Any:
             if not isinstance(value, dict):
                 raise ValueError
             return value
+        if isinstance(value, bool):  # YAML's `use_gpu: true` for a field whose choices include "true"
+            return "true" if value else "false"
         return str(value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(name, value, f"expected {typ if typing.get_origin(typ) else typ.__name__}") from None
 
@@ -410,8 +418,8 @@ def validate(cfg: Config) -> Config:
            f"({', '.join(map(str, sizes))}) so each group size splits the same global batch evenly")
     _check(s.resize_interval_s >= 0, "scaling.resize_interval_s", s.resize_interval_s, "must be >= 0")
     _check(16 <= d.image_size <= 1024, "data.image_size", d.image_size, "must be in 16..1024")
-    _check(d.resize_size >= d.image_size, "data.resize_size", d.resize_size,
-           f"must be >= data.image_size ({d.image_size})")
+    _check(d.image_size <= d.resize_size <= 2048, "data.resize_size", d.resize_size,
+           f"must be in data.image_size ({d.image_size})..2048")
     _check(d.eval_crop_size == 0 or 16 <= d.eval_crop_size <= d.resize_size, "data.eval_crop_size", d.eval_crop_size,
            f"must be 0 (= image_size) or in 16..data.resize_size ({d.resize_size})")
     _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1]")
@@ -455,8 +463,10 @@ def validate(cfg: Config) -> Config:
            s.cpus_per_worker, "must be > 0")
     _check(s.data_cpus >= 0, "scaling.data_cpus", s.data_cpus, "must be >= 0")
     _check(s.precision in PRECISIONS, "scaling.precision", s.precision, f"valid: {', '.join(PRECISIONS)}")
-    _check(re.fullmatch(r"[A-Za-z0-9._-]*", r.name) is not None, "run.name", r.name,
-           "only letters, digits, '.', '_' and '-'")
+    _check(o.seed >= 0, "optim.seed", o.seed, "must be >= 0")
+    # The name is a folder and an object prefix: no separators, no '.' or '..', nothing hidden.
+    _check(r.name == "" or re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", r.name) is not None, "run.name", r.name,
+           "only letters, digits, '.', '_' and '-', not starting with '.' ('' = a name from the config)")
     _check(bool(r.storage), "run.storage", r.storage, "required: a local folder or s3://bucket/prefix")
     _check(r.max_failures >= -1, "run.max_failures", r.max_failures, "must be >= 0, or -1 for unlimited")
     _check(r.crash_at_epoch >= 0, "run.crash_at_epoch", r.crash_at_epoch, "must be >= 0")

@@ -56,6 +56,10 @@ class LocalCluster:
             # test session's own); a job is submitted through the head's agent, so it gets a port of its own.
             "dashboard_agent_listen_port": free_port(),
             "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+        # What `ray start --head --temp-dir` writes: a job's supervisor finds its own cluster's address in the
+        # head's temp dir (without it, "auto" may find another Ray on this machine, such as the session's).
+        with open(os.path.join(temp_dir, "ray_current_cluster"), "w") as fh:
+            fh.write(self.cluster.address)
         self.workers = [self.add_worker(cpus) for cpus in worker_cpus]
 
     @property
@@ -68,8 +72,7 @@ class LocalCluster:
         # So each node also needs its own log monitor to stream its workers' output to the driver.
         temp_dir = tempfile.mkdtemp(prefix="w", dir=self.temp_dir)
         return self.cluster.add_node(**{**WORKER_NODE, "num_cpus": cpus}, env_vars=self.s3.env("node"),
-                                     temp_dir=temp_dir, include_log_monitor=True,
-                                     dashboard_agent_listen_port=free_port())
+                                     temp_dir=temp_dir, include_log_monitor=True)
 
     def remove_worker(self, node) -> float:
         """Kill a worker node's processes at once, as a crashed host; returns the time of the kill."""
