@@ -103,7 +103,8 @@ def _runs(args) -> int:
         print(f"{'run':<32} {'epochs':>6} {'best test acc':>14} {'best epoch':>10}  state")
         for r in runs.list_runs(args.storage):
             acc = f"{r['best_test_acc']:.3f}" if r["best_test_acc"] is not None else "-"
-            print(f"{r['name']:<32} {r['epochs']:>6} {acc:>14} {r['best_epoch'] or '-':>10}  {r['state']}")
+            epochs = "-" if r["epochs"] is None else r["epochs"]
+            print(f"{r['name']:<32} {epochs:>6} {acc:>14} {r['best_epoch'] or '-':>10}  {r['state']}")
     elif args.runs_command == "show":
         print(runs.show_run(args.run))
     else:

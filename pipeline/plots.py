@@ -10,6 +10,10 @@ matplotlib.use("Agg")  # headless: workers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+# Every text here comes from data (class folder names, trial ids): a name such as 'a$\\foo$b' is a
+# label, not mathtext for matplotlib to parse (and fail on).
+matplotlib.rcParams["text.parse_math"] = False
+
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -14,8 +13,9 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # written by Ray Train next to th
 
 
 def _read_json(uri: str):
+    """The file's JSON, None when it is missing; StorageError when it is truncated or not JSON."""
     try:
-        return json.loads(storage.read_bytes(uri))
+        return storage.read_json(uri)
     except (FileNotFoundError, OSError):
         return None
 
@@ -29,8 +29,13 @@ def list_runs(store: str) -> list[dict]:
             continue
         name = info.path.rstrip("/").rsplit("/", 1)[-1]
         run = storage.join(store, name)
-        history = _read_json(storage.join(run, "metrics.json"))
-        snap = _read_json(storage.join(run, SNAPSHOT))
+        try:
+            history = _read_json(storage.join(run, "metrics.json"))
+            snap = _read_json(storage.join(run, SNAPSHOT))
+        except storage.StorageError as e:  # one damaged run must not hide the others
+            rows.append({"name": name, "epochs": None, "best_test_acc": None, "best_epoch": None,
+                         "state": f"unreadable: {e}"})
+            continue
         if history:
             best = max(history, key=lambda h: h["test_acc"])
             rows.append({"name": name, "epochs": len(history), "best_test_acc": best["test_acc"],

@@ -96,16 +96,33 @@ def join(base: str, *parts: str) -> str:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file or nothing: a reader never sees half of it. An S3 object appears only when
+    its upload completes; a local file is written under a temporary name, then renamed."""
     fs, path = resolve(uri)
     fs.create_dir(posixpath.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as out:
+    target = path if uri.startswith("s3://") else f"{path}.{os.getpid()}.part"
+    with fs.open_output_stream(target) as out:
         out.write(data)
+    if target != path:
+        os.replace(target, path)
 
 
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
         return f.read()
+
+
+def read_json(uri: str):
+    """A JSON file this project wrote; StorageError naming it when it is truncated or not JSON."""
+    import json
+
+    data = read_bytes(uri)
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StorageError(f"{uri} is not valid JSON ({e}; {len(data)} bytes): the file is truncated or "
+                           "was not written by ray-finetune") from None
 
 
 class StorageError(RuntimeError):

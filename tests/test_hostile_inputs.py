@@ -2,7 +2,9 @@
 traceback, the documented exit code, and nothing that already exists is touched."""
 
 import hashlib
+import json
 import os
+import re
 
 import pytest
 
@@ -70,3 +72,67 @@ def test_yaml_booleans_are_accepted_for_boolean_like_fields(tmp_path, tiny_datas
     assert cfg.scaling.use_gpu == "false"
     path.write_text("scaling: {use_gpu: true}\n")
     assert config_from_args(build_parser().parse_args(["train", "--config", str(path)])).scaling.use_gpu == "true"
+
+
+def test_local_writes_are_atomic(tmp_path):
+    """A reader polling a file that is rewritten again and again only ever sees a whole version."""
+    import threading
+
+    from pipeline import storage
+
+    path = tmp_path / "metrics.json"
+    versions = [bytes([65 + i]) * (8 << 20) for i in range(6)]
+    storage.write_bytes(str(path), versions[0])
+    seen, done = set(), threading.Event()
+
+    def read():
+        while not done.is_set():
+            seen.add(os.path.getsize(path))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for data in versions[1:] * 3:
+        storage.write_bytes(str(path), data)
+    done.set()
+    reader.join()
+    assert seen == {8 << 20} and sorted(os.listdir(tmp_path)) == ["metrics.json"]
+
+
+def test_a_truncated_metrics_file_is_reported_and_other_runs_still_listed(capsys, tmp_path, existing_run):
+    broken = existing_run.parent / "broken"
+    broken.mkdir()
+    (broken / "metrics.json").write_text('[{"epoch": 1, "test_a')
+    assert main(["runs", "list", str(existing_run.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "kept" in out and re.search(r"broken .* unreadable: .*metrics.json is not valid JSON", out), out
+
+
+def hostile_summary(tmp_path) -> str:
+    """A search folder whose best.json was written by someone else: markup and mathtext in every string."""
+    trial = {"trial": "<script>alert(1)</script>", "lr": 1e-3, "freeze_depth": 2, "head_lr_mult": 10.0,
+             "epochs": 2, "best_val_acc": 0.8, "val_acc_curve": [0.7, 0.8], "stopped_early": False, "error": False}
+    best = {**trial, "val_acc": 0.8, "epoch": 2, "test_acc": 0.75, "test_images": 8,
+            "checkpoint": "<img src=x onerror=alert(2)>", "test_confusion": [[3, 1], [1, 3]]}
+    summary = {"experiment": "<h1>owned</h1>", "metric": "val_acc<i>", "wall_time_s": 12.0, "trials": [trial],
+               "best": best, "classes": ["a$\\foo$b", "<b>dog</b>"]}
+    folder = tmp_path / "search"
+    folder.mkdir()
+    (folder / "best.json").write_text(json.dumps(summary))
+    return str(folder)
+
+
+def test_report_escapes_every_value_from_the_summary_and_draws_mathtext_names(capsys, tmp_path):
+    folder = hostile_summary(tmp_path)
+    assert main(["report", folder]) == 0
+    page = open(os.path.join(folder, "report.html")).read()
+    for raw in ("<script>", "<img src=x", "<h1>owned", "val_acc<i>"):
+        assert raw not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_a_truncated_summary_is_one_clear_error(capsys, tmp_path):
+    folder = hostile_summary(tmp_path)
+    with open(os.path.join(folder, "best.json"), "r+") as fh:
+        fh.truncate(100)
+    err = refused(capsys, ["report", folder], 1)
+    assert "best.json is not valid JSON" in err
