@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 
 import pyarrow.fs as pafs
 
@@ -78,14 +79,42 @@ def _uri(run: str, path: str) -> str:
     return "s3://" + path if run.startswith("s3://") and not path.startswith("s3://") else path
 
 
+def _checkpoint_folder(run: str, ckpt_path: str) -> str:
+    """The checkpoint's folder name, once it is known to be a folder directly inside the run: the
+    snapshot that names it is a file in storage, and whoever can write there can write any path."""
+    _, run_path = storage.resolve(run)
+    path = posixpath.normpath(ckpt_path[len("s3://"):] if ckpt_path.startswith("s3://") else ckpt_path)
+    name = posixpath.basename(path)
+    if posixpath.dirname(path) != posixpath.normpath(run_path) or not name.startswith("checkpoint_"):
+        raise storage.StorageError(f"{run}: its checkpoint snapshot names {ckpt_path!r}, which is not a "
+                                   "checkpoint folder of this run; not downloading it")
+    return name
+
+
+def _copy_tree(fs: pafs.FileSystem, src: str, dest: str) -> None:
+    """Copy every file under src into dest; a key that would land outside dest is refused."""
+    root = os.path.realpath(dest)
+    for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = posixpath.relpath(info.path, src)
+        target = os.path.realpath(os.path.join(root, *rel.split("/")))
+        if os.path.commonpath([root, target]) != root:
+            raise storage.StorageError(f"refusing {info.path!r}: it would be written outside {dest}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with fs.open_input_stream(info.path) as fin, open(target, "wb") as out:
+            out.write(fin.read())
+
+
 def download_run(run: str, dest: str, best: bool = False) -> str:
     """Copy the latest (or best) checkpoint and the run's artifacts to a local folder."""
     result = _result(run)
     ckpt = result.get_best_checkpoint("test_acc", "max") if best else result.checkpoint
     if ckpt is None:
         raise FileNotFoundError(f"{run}: no checkpoint")
-    os.makedirs(dest, exist_ok=True)
-    target = ckpt.to_directory(os.path.join(dest, os.path.basename(ckpt.path.rstrip("/"))))
+    target = os.path.join(dest, _checkpoint_folder(run, ckpt.path))
+    os.makedirs(target, exist_ok=True)
+    _copy_tree(ckpt.filesystem, ckpt.path, target)
     for name in ("metrics.json", "metrics.csv", "curves.png", "preview.png"):
         try:
             data = storage.read_bytes(storage.join(run, name))

@@ -136,3 +136,24 @@ def test_a_truncated_summary_is_one_clear_error(capsys, tmp_path):
         fh.truncate(100)
     err = refused(capsys, ["report", folder], 1)
     assert "best.json is not valid JSON" in err
+
+
+def test_runs_download_never_copies_what_a_tampered_snapshot_points_at(capsys, tmp_path):
+    """Ray Train's checkpoint_manager_snapshot.json names each checkpoint folder; one that points out of
+    the run (here at another folder of the storage machine) is refused, and nothing is written."""
+    import ray
+
+    run = tmp_path / "runs" / "r"
+    (run / "checkpoint_000001").mkdir(parents=True)
+    (run / "checkpoint_000001" / "checkpoint.pt").write_bytes(b"weights")
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "passwd").write_text("secret")
+    state = {"checkpoint_dir_name": "../../private", "metrics": {"epoch": 1, "test_acc": 0.5}}
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({
+        "ray_version": ray.__version__, "checkpoint_results": [state], "checkpoint_report_indices": [0],
+        "latest_checkpoint_result": state, "pending_training_results": [], "pending_validation_specs": [],
+        "current_report_index": 1, "validated_checkpoint_dir_names": [],
+        "timed_out_validation_checkpoint_dir_names": [], "failed_validation_checkpoint_dir_names": []}))
+    dest = tmp_path / "download"
+    err = refused(capsys, ["runs", "download", str(run), str(dest)], 1)
+    assert "not a checkpoint folder of this run" in err and not dest.exists()
