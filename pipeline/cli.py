@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import storage
     from pipeline.data import DatasetError
     from pipeline.fetch import FetchError
+    from pipeline.weights import WeightsError
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own parser: argparse would not pass `--flags` through REMAINDER
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as e:  # what the user can fix: one clear line, no traceback
         print(f"PROBLEM: {e}" if args.func is _data_check else f"error: {e}", file=sys.stderr)
         return 1
-    except (FetchError, storage.StorageError, FileNotFoundError) as e:
+    except (FetchError, storage.StorageError, WeightsError, FileNotFoundError) as e:
         if os.environ.get("RAY_FINETUNE_LOG") == "debug":
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)

@@ -92,7 +92,11 @@ class ModelConfig:
                          "(required for BN-folded weights).", flag="--freeze-bn")
     freeze_depth: int = _f(0, "Freeze the bottom stages: 0 = none, 1 = stem, then one more stage per step "
                            "(resnet: 5 = all, a linear probe; mobilenet_v2: 8).", flag="--freeze-depth")
-    weights_sha256: str = _f("", "Expected sha256 of a weights file (checked when fetched from s3://).")
+    weights_sha256: str = _f("", "Expected sha256 of the weights file, checked in full before every load "
+                             "(ImageNet, mirror, s3:// or local file). Unset: torchvision's files are checked "
+                             "against the prefix in their names, any other file's sha256 is printed to pin.")
+    sidecar_sha256: str = _f("", "Expected sha256 of the weights' sidecar <weights>.json (mean, std, "
+                             "categories), checked before it is read.")
     weights_mirror: str = _f("", "Base URL to fetch torchvision weight files from instead of "
                              "download.pytorch.org (air-gapped mirrors).")
     reuse_classifier: bool = _f(True, "Start the head row of every target class whose name matches a source "
@@ -442,8 +446,10 @@ def validate(cfg: Config) -> Config:
     for name, v in (("model.mean", m.mean), ("model.std", m.std)):
         _check(v is None or len(v) == 3, name, v, "must be 3 comma-separated floats (R,G,B)")
     _check(m.std is None or all(x > 0 for x in m.std), "model.std", m.std, "must be > 0")
-    _check(not m.weights_mirror or re.match(r"^(https?|file)://", m.weights_mirror) is not None,
-           "model.weights_mirror", m.weights_mirror, "must be an http(s):// or file:// URL")
+    # Over plain http anyone on the path can swap the file; a pinned sha256 makes that harmless.
+    _check(not m.weights_mirror or re.match(r"^(https|file)://", m.weights_mirror) is not None
+           or (m.weights_sha256 and m.weights_mirror.startswith("http://")), "model.weights_mirror",
+           m.weights_mirror, "must be an https:// or file:// URL (http:// only with model.weights_sha256 set)")
     _check(1 <= o.epochs <= 10_000, "optim.epochs", o.epochs, "must be in 1..10000")
     _check(o.lr is None or 0 < o.lr < 10, "optim.lr", o.lr, "must be in (0, 10)")
     _check(o.head_lr_mult is None or o.head_lr_mult > 0, "optim.head_lr_mult", o.head_lr_mult, "must be > 0")
@@ -474,6 +480,8 @@ def validate(cfg: Config) -> Config:
            r.s3_endpoint, "must be an http:// or https:// URL")
     _check(not m.weights_sha256 or re.fullmatch(r"[0-9a-f]{64}", m.weights_sha256) is not None,
            "model.weights_sha256", m.weights_sha256, "must be 64 lowercase hex digits")
+    _check(not m.sidecar_sha256 or re.fullmatch(r"[0-9a-f]{64}", m.sidecar_sha256) is not None,
+           "model.sidecar_sha256", m.sidecar_sha256, "must be 64 lowercase hex digits")
     t = cfg.tune
     _check(t.num_samples >= 1, "tune.num_samples", t.num_samples, "must be >= 1")
     _check(0 < t.lr_min < t.lr_max < 10, "tune.lr_min", t.lr_min, f"must be in (0, tune.lr_max={t.lr_max})")

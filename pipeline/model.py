@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -42,47 +41,40 @@ class SourceWeights:
     mean: tuple
     std: tuple
     categories: list[str] | None
-
-
-def _sidecar(path: str) -> dict:
-    side = os.path.splitext(path)[0] + ".json"
-    if os.path.exists(side):
-        with open(side) as fh:
-            return json.load(fh)
-    return {}
+    sha256: str = ""  # of the weights file, verified before loading ("" for weights 'none')
 
 
 def load_source_weights(cfg: ModelConfig, progress: bool = False) -> SourceWeights:
-    """Resolve cfg.weights to a state_dict plus mean/std (flags override what the weights carry)."""
+    """Resolve cfg.weights to a verified state_dict plus mean/std (flags override what the weights carry)."""
+    from pipeline import weights
+
     if cfg.arch not in ARCHS:
         raise ConfigError("model.arch", cfg.arch, f"valid: {', '.join(ARCHS)}")
+    digest = ""
     if cfg.weights == "none":
         sd, mean, std, cats = None, IMAGENET_MEAN, IMAGENET_STD, None
     elif cfg.weights == "imagenet":
+        path, digest = weights.imagenet_file(cfg, progress)
+        sd = weights.load_state_dict(path)
         enum = torchvision.models.get_model_weights(cfg.arch).DEFAULT
-        if cfg.weights_mirror:
-            url = cfg.weights_mirror.rstrip("/") + "/" + enum.url.rsplit("/", 1)[1]
-            # check_hash: torchvision file names carry a sha256 prefix; a corrupt mirror is refused.
-            sd = torch.hub.load_state_dict_from_url(url, progress=progress, check_hash=True)
-        else:
-            sd = enum.get_state_dict(progress=progress, check_hash=True)
         preset = enum.transforms()
         mean, std, cats = tuple(preset.mean), tuple(preset.std), list(enum.meta["categories"])
     else:
         path = cfg.weights
         if path.startswith("s3://"):  # air-gapped clusters: weights in the object store, cached locally
-            from pipeline.storage import cached_download
+            from pipeline.storage import cached_download, s3_client, split_s3
 
             path = cached_download(path, cfg.weights_sha256)
-            try:
-                sidecar_uri = cfg.weights.rsplit(".", 1)[0] + ".json"
-                os.replace(cached_download(sidecar_uri), os.path.splitext(path)[0] + ".json")
-            except Exception:  # noqa: BLE001 - the sidecar is optional
-                pass
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+            sidecar_uri = cfg.weights.rsplit(".", 1)[0] + ".json"
+            bucket, key = split_s3(sidecar_uri)
+            listed = s3_client().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("Contents", [])
+            if any(o["Key"] == key for o in listed):  # optional; one that exists must download
+                os.replace(cached_download(sidecar_uri, cfg.sidecar_sha256), os.path.splitext(path)[0] + ".json")
+        digest = weights.verify(path, cfg.weights_sha256)
+        sd = weights.load_state_dict(path)
         if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
             sd = evaluated_weights(sd)  # one of our own checkpoints
-        side = _sidecar(path)
+        side = weights.read_sidecar(path, cfg.sidecar_sha256)
         mean = tuple(side.get("mean", IMAGENET_MEAN))
         std = tuple(side.get("std", IMAGENET_STD))
         cats = side.get("categories")
@@ -93,7 +85,7 @@ def load_source_weights(cfg: ModelConfig, progress: bool = False) -> SourceWeigh
     elif cfg.categories:
         with open(cfg.categories) as fh:
             cats = [line.strip() for line in fh if line.strip()]
-    return SourceWeights(sd, mean, std, cats)
+    return SourceWeights(sd, mean, std, cats, digest)
 
 
 def imagenet_categories() -> list[str]:

@@ -173,6 +173,8 @@ def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) ->
     if val_fraction:
         index = data.stratified_split(index, val_fraction, seed=cfg.optim.seed)
     source = load_source_weights(cfg.model, progress=sys.stderr.isatty())
+    if source.sha256 and not cfg.model.weights_sha256:
+        print(f"weights sha256 {source.sha256} (pin it with --model.weights_sha256)", flush=True)
     preset = ImagePreset.from_data_config(cfg.to_dict()["data"])
     need = sum(data.decoded_bytes(len(f), preset, split != "train") for split, f in index.files.items())
     store = ray.cluster_resources().get("object_store_memory", 0)

@@ -33,11 +33,13 @@ def existing_run(tmp_path):
 
 
 def refused(capsys, argv: list[str], code: int) -> str:
-    """Run the CLI; assert the exit code and a single message line without a traceback; return it."""
+    """Run the CLI; assert the exit code, no traceback and exactly one error line; return that line
+    (a refusal after Ray has started comes after Ray's own start-up lines)."""
     assert main(argv) == code
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    return err
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith(("error: ", "config error: "))]
+    assert "Traceback" not in err and len(errors) == 1, err
+    return errors[0]
 
 
 @pytest.mark.parametrize("flags, field", [
@@ -157,3 +159,81 @@ def test_runs_download_never_copies_what_a_tampered_snapshot_points_at(capsys, t
     dest = tmp_path / "download"
     err = refused(capsys, ["runs", "download", str(run), str(dest)], 1)
     assert "not a checkpoint folder of this run" in err and not dest.exists()
+
+
+class Planted:
+    """Unpickling this runs a shell command: what a hostile weights file carries."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def served_weights(tmp_path, monkeypatch):
+    """An empty torch hub cache and a local HTTP mirror serving resnet18's file name with a planted pickle."""
+    import functools
+    import http.server
+    import threading
+
+    import torch
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    served = tmp_path / "served"
+    served.mkdir()
+    marker = tmp_path / "code-ran"
+    name = torchvision.models.ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[1]
+    torch.save({"conv1.weight": Planted(str(marker))}, served / name)
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield served / name, f"http://127.0.0.1:{server.server_address[1]}", marker
+    server.shutdown()
+
+
+@pytest.mark.parametrize("where", ["mirror", "cache"])
+def test_imagenet_weights_never_run_code(capsys, served_weights, tiny_dataset, tmp_path, where):
+    """Even a file that matches its pinned sha256, downloaded or already in torch hub's cache."""
+    path, url, marker = served_weights
+    pinned = hashlib.sha256(path.read_bytes()).hexdigest()
+    args = ["train", "--data", tiny_dataset, "--storage", str(tmp_path / "runs"), "--weights", "imagenet",
+            "--model.weights_sha256", pinned]
+    if where == "cache":
+        cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+        cache.mkdir(parents=True)
+        (cache / path.name).write_bytes(path.read_bytes())
+    err = refused(capsys, [*args, *(["--model.weights_mirror", url] if where == "mirror" else [])], 1)
+    assert "not a loadable state_dict (unsupported GLOBAL posix.system" in err and not marker.exists()
+
+
+def test_a_plain_http_mirror_needs_a_pinned_sha256(capsys, served_weights, tiny_dataset, tmp_path):
+    _, url, _ = served_weights
+    err = refused(capsys, ["train", "--data", tiny_dataset, "--storage", str(tmp_path / "runs"), "--weights",
+                           "imagenet", "--model.weights_mirror", url], 2)
+    assert err.startswith("config error: model.weights_mirror") and "https://" in err
+
+
+def test_local_weights_are_checked_against_their_pin_and_their_sidecar_must_load(capsys, tmp_path, tiny_dataset):
+    import torch
+    import torchvision
+
+    path = tmp_path / "w.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    args = ["train", "--data", tiny_dataset, "--storage", str(tmp_path / "runs"), "--weights", str(path)]
+    err = refused(capsys, [*args, "--model.weights_sha256", "0" * 64], 1)
+    assert f"{path}: sha256 " in err and "does not match model.weights_sha256" in err
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "w.json").write_text('{"mean": [0.5, 0.5, 0.5], "std": ')  # truncated
+    err = refused(capsys, [*args, "--model.weights_sha256", digest], 1)
+    assert "w.json: the weights' sidecar cannot be read" in err
+    (tmp_path / "w.json").write_text('{"mean": "0.5", "std": [0.5, 0.5, 0.5]}')
+    assert "w.json: the weights' sidecar has bad mean" in refused(capsys, args, 1)
+    (tmp_path / "w.json").write_text('{"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}')
+    err = refused(capsys, [*args, "--model.sidecar_sha256", "1" * 64], 1)
+    assert "w.json: sha256 " in err and "does not match" in err

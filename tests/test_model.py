@@ -19,6 +19,7 @@ from pipeline.model import (
     param_groups,
     set_train_mode,
 )
+from pipeline.weights import WeightsError
 
 
 @pytest.mark.parametrize("arch", list(HEADS))
@@ -97,20 +98,25 @@ def test_imagenet_weights_download_through_mirror_is_hash_checked(weights_mirror
     name = enum.url.rsplit("/", 1)[1]  # resnet18-f37072fd.pth: the sha256 prefix torch checks
     torch.save(torchvision.models.resnet18().state_dict(), served / name)
     assert not hashlib.sha256((served / name).read_bytes()).hexdigest().startswith("f37072fd")
-    with pytest.raises(RuntimeError, match="invalid hash value"):
+    with pytest.raises(WeightsError, match="does not start with f37072fd"):
         load_source_weights(ModelConfig(arch="resnet18", weights="imagenet", weights_mirror=url))
     cache = os.path.join(os.environ["TORCH_HOME"], "hub", "checkpoints", name)
     assert not os.path.exists(cache)  # a corrupt download never lands in the cache
 
 
 def test_imagenet_weights_served_from_cache_with_enum_metadata(weights_mirror, monkeypatch):
-    """Once a file is in torchvision's cache nothing is downloaded; mean/std/categories come from the enum."""
+    """Once a file is in torchvision's cache nothing is downloaded, but it is verified again on every
+    load; mean/std/categories come from the enum."""
     enum = torchvision.models.ResNet18_Weights.DEFAULT
     cache = os.path.join(os.environ["TORCH_HOME"], "hub", "checkpoints")
     os.makedirs(cache)
     sd = torchvision.models.resnet18().state_dict()
-    torch.save(sd, os.path.join(cache, enum.url.rsplit("/", 1)[1]))
-    src = load_source_weights(ModelConfig(arch="resnet18", weights="imagenet"))
+    path = os.path.join(cache, enum.url.rsplit("/", 1)[1])
+    torch.save(sd, path)
+    with pytest.raises(WeightsError, match="does not start with f37072fd"):  # not the file its name promises
+        load_source_weights(ModelConfig(arch="resnet18", weights="imagenet"))
+    pinned = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    src = load_source_weights(ModelConfig(arch="resnet18", weights="imagenet", weights_sha256=pinned))
     assert src.mean == (0.485, 0.456, 0.406) and src.std == (0.229, 0.224, 0.225)
     assert src.categories[934] == "hotdog"
     assert torch.equal(src.state_dict["conv1.weight"], sd["conv1.weight"])
