@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from pipeline import storage
-from pipeline.data import SPLITS, DatasetError, scan_image_folder
+from pipeline.data import SPLITS, DatasetError, read_file, scan_image_folder
+from pipeline.transforms import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, check_image_size
 
 
 @dataclass
@@ -38,27 +39,27 @@ class CheckReport:
         return not self.problems
 
 
-def _inspect(fs, item: FileReport) -> FileReport:
+def _inspect(fs, item: FileReport, max_pixels: int, max_aspect: float) -> FileReport:
+    data = read_file(fs, item.path)  # a read that fails is a storage error, not a finding
+    item.sha256 = hashlib.sha256(data).hexdigest()
     try:
-        with fs.open_input_stream(item.path) as f:
-            data = f.read()
-        item.sha256 = hashlib.sha256(data).hexdigest()
         with Image.open(io.BytesIO(data)) as img:
             item.size, item.mode = img.size, img.mode
+            check_image_size(*img.size, max_pixels, max_aspect)  # as training would refuse it
             img.draft("RGB", (256, 256))  # a full decode, at reduced scale where JPEG allows
             img.load()
-    except Exception as e:  # noqa: BLE001 - every failure is a finding, not a crash
+    except Exception as e:  # noqa: BLE001 - every decoder failure is a finding, not a crash
         item.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     return item
 
 
-def check_dataset(root: str, allow_overlap: bool = False, imbalance_ratio: float = 3.0,
-                  threads: int = 8) -> CheckReport:
+def check_dataset(root: str, allow_overlap: bool = False, imbalance_ratio: float = 3.0, threads: int = 8,
+                  max_pixels: int = MAX_IMAGE_PIXELS, max_aspect: float = MAX_ASPECT_RATIO) -> CheckReport:
     index = scan_image_folder(root)  # DatasetError for a missing split or unknown classes
     fs, _ = storage.resolve(root)
     items = [FileReport(p, split, y) for split in SPLITS for p, y in index.files[split]]
     with ThreadPoolExecutor(threads) as pool:  # PIL decodes and S3 reads release the GIL
-        files = list(pool.map(lambda it: _inspect(fs, it), items))
+        files = list(pool.map(lambda it: _inspect(fs, it, max_pixels, max_aspect), items))
     report = CheckReport(root, index.classes, files)
 
     for split in SPLITS:

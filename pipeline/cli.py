@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import storage
     from pipeline.data import DatasetError
     from pipeline.fetch import FetchError
+    from pipeline.redact import redact
     from pipeline.weights import WeightsError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -203,15 +204,15 @@ def main(argv: list[str] | None = None) -> int:
             storage.configure_endpoint(args.s3_endpoint)
         return args.func(args)
     except ConfigError as e:
-        print(e, file=sys.stderr)
+        print(redact(str(e)), file=sys.stderr)
         return 2
     except DatasetError as e:  # what the user can fix: one clear line, no traceback
-        print(f"PROBLEM: {e}" if args.func is _data_check else f"error: {e}", file=sys.stderr)
+        print(redact(f"PROBLEM: {e}" if args.func is _data_check else f"error: {e}"), file=sys.stderr)
         return 1
     except (FetchError, storage.StorageError, WeightsError, FileNotFoundError) as e:
         if os.environ.get("RAY_FINETUNE_LOG") == "debug":
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(redact(f"error: {e}"), file=sys.stderr)
         return 1
 
 

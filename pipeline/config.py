@@ -40,8 +40,10 @@ class ConfigError(ValueError):
     """A bad config value: names the field, the value and what is allowed."""
 
     def __init__(self, field_name: str, value: Any, allowed: str):
+        from pipeline.redact import redact
+
         self.field_name, self.value, self.allowed = field_name, value, allowed
-        super().__init__(f"config error: {field_name} = {value!r}: {allowed}")
+        super().__init__(redact(f"config error: {field_name} = {value!r}: {allowed}"))
 
 
 def _f(default, help: str, **kw):
@@ -77,6 +79,10 @@ class DataConfig:
                            "'ta_wide' (TrivialAugmentWide, Muller & Hutter 2021, as torchvision references' "
                            "--auto-augment ta_wide: one random photometric or geometric operation per image at a "
                            "random strength; no parameters to tune).")
+    max_image_pixels: int = _f(100_000_000, "Images with more pixels are refused before decoding and counted as "
+                               "bad (a decompression bomb costs far more memory than its file).")
+    max_aspect_ratio: float = _f(20.0, "Images whose long side exceeds this many times the short side are refused "
+                                 "the same way (resizing a 100000x1 strip's short side would ask for gigabytes).")
     preview_images: int = _f(8, "Augmented training images drawn into preview.png (0 = none).")
 
 
@@ -430,6 +436,9 @@ def validate(cfg: Config) -> Config:
     _check(d.cache_decoded in CACHE_MODES, "data.cache_decoded", d.cache_decoded, f"valid: {', '.join(CACHE_MODES)}")
     _check(0 < d.crop_min_scale <= 1, "data.crop_min_scale", d.crop_min_scale, "must be in (0, 1]")
     _check(d.auto_augment in AUTO_AUGMENTS, "data.auto_augment", d.auto_augment, f"valid: {', '.join(AUTO_AUGMENTS)}")
+    _check(1_000_000 <= d.max_image_pixels <= 1_000_000_000, "data.max_image_pixels", d.max_image_pixels,
+           "must be in 1e6..1e9")
+    _check(1 <= d.max_aspect_ratio <= 1000, "data.max_aspect_ratio", d.max_aspect_ratio, "must be in 1..1000")
     _check(0 <= d.preview_images <= 64, "data.preview_images", d.preview_images, "must be in 0..64")
     _check(m.arch in ARCHS, "model.arch", m.arch, f"valid: {', '.join(ARCHS)}")
     if m.weights not in ("imagenet", "none") and not m.weights.startswith("s3://"):
@@ -532,7 +541,9 @@ def validate(cfg: Config) -> Config:
 
 def describe(cfg: Config) -> str:
     """The resolved config as YAML, plus the derived quantities, for the start-up banner."""
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+    from pipeline.redact import redact_tree
+
+    text = yaml.safe_dump(redact_tree(cfg.to_dict()), sort_keys=False, default_flow_style=None)
     derived = {"lr": cfg.lr, "head_lr": cfg.lr * cfg.head_lr_mult,
                "per_worker_batch": cfg.data.batch_size // cfg.scaling.workers if cfg.scaling.workers else "at start"}
     return text + "derived: " + ", ".join(f"{k}={v:g}" if isinstance(v, float | int) else f"{k}={v}"

@@ -43,6 +43,13 @@ def _is_hidden(rel: str) -> bool:
 
 def scan_image_folder(root: str, splits=SPLITS) -> ImageFolderIndex:
     """List <root>/<split>/<class>/**/<image> for each split (local or s3://)."""
+    try:
+        return _scan(root, splits)
+    except OSError as e:  # the storage refused or failed a listing: not a layout problem
+        raise storage.StorageError(f"cannot list {root}: {e}") from None
+
+
+def _scan(root: str, splits) -> ImageFolderIndex:
     fs, base = storage.resolve(root)
     classes: list[str] | None = None
     files: dict[str, list[tuple[str, int]]] = {}
@@ -97,17 +104,28 @@ def stratified_split(index: ImageFolderIndex, fraction: float, seed: int) -> Ima
 
 # ---------------------------------------------------------------- Ray Data stages
 
+def read_file(filesystem: pafs.FileSystem, path: str) -> bytes:
+    """A file's bytes. A read that fails (after pyarrow's retries) is the storage's problem, never a
+    bad image: throttling, an expired token or a lost permission must stop the run, not shrink it."""
+    try:
+        with filesystem.open_input_stream(path) as f:
+            return f.read()
+    except OSError as e:
+        raise storage.StorageError(f"cannot read {path}: {e}") from None
+
+
+def decode_or_reason(data: bytes, preset: ImagePreset, center_crop: bool) -> tuple[np.ndarray | None, str]:
+    """(image, "") or (None, why it is a bad image): the decoder's own errors and refused sizes."""
+    try:
+        img = preset.decode(data)
+        return (preset.eval(img) if center_crop else img), ""
+    except Exception as e:  # noqa: BLE001 - whatever the decoder raises, the file is a bad image
+        return None, f"{type(e).__name__}: {e}"[:300]
+
+
 def _decode_images(paths, filesystem: pafs.FileSystem, preset: ImagePreset, center_crop: bool) -> list:
-    """Decoded images, None where a file is not a decodable image (counted by the caller, never fatal)."""
-    images = []
-    for path in paths:
-        try:
-            with filesystem.open_input_stream(path) as f:
-                img = preset.decode(f.read())
-            images.append(preset.eval(img) if center_crop else img)
-        except Exception:  # noqa: BLE001 - any undecodable input is skipped
-            images.append(None)
-    return images
+    """Decoded images, None where a file is not a decodable image (counted by the caller)."""
+    return [decode_or_reason(read_file(filesystem, p), preset, center_crop)[0] for p in paths]
 
 
 def _decode_batch(batch: dict, *, filesystem: pafs.FileSystem, preset: ImagePreset, center_crop: bool) -> dict:
@@ -125,8 +143,9 @@ def _decode_batch(batch: dict, *, filesystem: pafs.FileSystem, preset: ImagePres
 
 
 def _undecodable_paths(batch: dict, *, filesystem: pafs.FileSystem, preset: ImagePreset) -> dict:
-    images = _decode_images(batch["path"], filesystem, preset, center_crop=False)
-    return {"path": np.array([p for p, im in zip(batch["path"], images, strict=True) if im is None], dtype=object)}
+    """'path (reason)' of every bad image in the batch."""
+    found = [(p, decode_or_reason(read_file(filesystem, p), preset, False)[1]) for p in batch["path"]]
+    return {"path": np.array([f"{p} ({why})" for p, why in found if why], dtype=object)}
 
 
 AUGMENT_SEED = "augment_seed"
@@ -153,7 +172,7 @@ class DecodedSplit:
 
     dataset: ray.data.Dataset  # columns: image (uint8 HWC), label
     num_images: int
-    bad_files: list[str]
+    bad_files: list[str]  # 'path (reason)'
     items: list | None = None  # streaming only: the (path, label) list, for exact per-rank shards
     decode_args: tuple = ()  # streaming only: (filesystem, preset, center_crop, task_cpus) to rebuild a shard
 

@@ -24,6 +24,7 @@ import numpy as np
 from pipeline import plots, storage
 from pipeline.config import Config, with_changes
 from pipeline.model import STAGES
+from pipeline.redact import redact_tree
 from pipeline.runner import (
     Prepared,
     begin,
@@ -164,7 +165,7 @@ def run_experiment(cfg: Config) -> dict:
     results["zero_shot"] = zero
     results["wall_time_s"] = time.perf_counter() - t_start
     table = format_table(results)
-    storage.write_bytes(storage.join(exp_dir, "results.json"), json.dumps(results, indent=1).encode())
+    storage.write_bytes(storage.join(exp_dir, "results.json"), json.dumps(redact_tree(results), indent=1).encode())
     storage.write_bytes(storage.join(exp_dir, "results.md"), (table + "\n").encode())
     storage.write_bytes(storage.join(exp_dir, "curves.png"), plots.experiment_curves(
         {ROW_TITLES[k]: [r["curve"] for r in v["runs"]] for k, v in results["rows"].items() if v["runs"]},

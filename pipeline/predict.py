@@ -60,15 +60,15 @@ class _Predictor:
         self.clf = Classifier(checkpoint.to_directory(), device=device)
 
     def __call__(self, batch: dict) -> dict:
+        errors = None
         if "bytes" in batch:
-            images, ok = [], []
+            images, errors = [], []
             for encoded in batch["bytes"]:
-                try:
-                    images.append(self.clf.prepare(encoded))
-                    ok.append(True)
-                except Exception:  # noqa: BLE001 - an undecodable file gets an empty prediction, not a crash
-                    ok.append(False)
-            ok = np.array(ok, dtype=bool)
+                # A bad image gets an empty prediction and the decoder's reason, never a crash.
+                image, why = data.decode_or_reason(encoded, self.clf.preset, center_crop=True)
+                images += [image] if image is not None else []
+                errors.append(why)
+            ok = np.array([not why for why in errors], dtype=bool)
             stack = np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
         else:
             ok, stack = np.ones(len(batch["image"]), dtype=bool), np.stack(list(batch["image"]))
@@ -80,6 +80,8 @@ class _Predictor:
         out = {"label": np.array([classes[p] if p >= 0 else "" for p in pred]),
                "probability": np.where(ok, np.nanmax(np.nan_to_num(probs, nan=-1), 1), np.nan),
                "pred_index": pred, **{f"p_{c}": probs[:, i] for i, c in enumerate(classes)}}
+        if errors is not None:
+            out["error"] = np.array(errors, dtype=object)
         if "path" in batch:
             out["path"] = batch["path"]
         if "label" in batch:  # a labelled, decoded split (evaluate): keep the true label
@@ -105,7 +107,7 @@ def predict(checkpoint_uri: str, images: str, output: str, fmt: str = "", batch_
         preds = preds.map_batches(lambda b: {**b, "path": np.array(["s3://" + p for p in b["path"]])},
                                   batch_format="numpy")
     preds = preds.drop_columns(["pred_index"]).select_columns(
-        ["path", "label", "probability"] + [c for c in preds.columns() if c.startswith("p_")])
+        ["path", "label", "probability"] + [c for c in preds.columns() if c.startswith("p_")] + ["error"])
     out_fs, out_path = storage.resolve(output)
     getattr(preds, f"write_{fmt}")(out_path, filesystem=out_fs)
     written = ray.data.read_parquet(out_path, filesystem=out_fs) if fmt == "parquet" else \

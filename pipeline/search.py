@@ -26,6 +26,7 @@ from ray.tune.search import BasicVariantGenerator
 from pipeline import data, plots, storage
 from pipeline.config import Config
 from pipeline.model import STAGES
+from pipeline.redact import redact_tree
 from pipeline.runner import (
     Prepared,
     begin,
@@ -299,7 +300,7 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
         summary["final"] = retrain_on_train_val(best_cfg, prep, exp_path, fs)
         summary["final"]["checkpoint"] = s3_uri(cfg.run.storage, summary["final"]["checkpoint"])
         summary["wall_time_s"] = time.perf_counter() - t_start
-    storage.write_bytes(storage.join(exp_dir, "best.json"), json.dumps(summary, indent=1).encode())
+    storage.write_bytes(storage.join(exp_dir, "best.json"), json.dumps(redact_tree(summary), indent=1).encode())
     if test["misclassified"]:
         storage.write_bytes(storage.join(exp_dir, "misclassified.png"), plots.image_grid(
             [img for img, _, _ in test["misclassified"]],

@@ -139,9 +139,11 @@ def s3_client(timeout: float = 10):
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=s3_endpoint() or None,
-                        config=Config(connect_timeout=3, read_timeout=timeout,
-                                      retries={"max_attempts": 2, "mode": "standard"}))
+    # A session of its own: boto3's default session keeps the first credentials it resolved, and
+    # this process's environment may have changed since (keys moved aside around a search).
+    return boto3.session.Session().client("s3", endpoint_url=s3_endpoint() or None,
+                                          config=Config(connect_timeout=3, read_timeout=timeout,
+                                                        retries={"max_attempts": 2, "mode": "standard"}))
 
 
 def preflight(uri: str, write: bool) -> None:

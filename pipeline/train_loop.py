@@ -32,6 +32,7 @@ from pipeline.model import (
     trainable_weights,
 )
 from pipeline.normalize import Normalizer
+from pipeline.redact import redact_tree
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -75,7 +76,9 @@ def training_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str, wo
 
 
 def save_checkpoint(directory: str, state: dict) -> None:
-    """checkpoint.pt (everything, loadable with weights_only=True) + config.yaml for humans."""
+    """checkpoint.pt (everything, loadable with weights_only=True) + config.yaml for humans; a URL
+    credential in the config is saved as ***."""
+    state = {**state, "config": redact_tree(state["config"])}
     torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
     with open(os.path.join(directory, "config.yaml"), "w") as fh:
         yaml.safe_dump(state["config"], fh, sort_keys=False)

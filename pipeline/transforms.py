@@ -18,22 +18,44 @@ from PIL import Image, ImageEnhance, ImageFile, ImageOps
 # No torch here: Ray Data's decode and augmentation tasks import this module, and importing torch
 # costs seconds of start-up in every new worker process.
 
-# A 10000x10000 image is a legitimate photo, not a decompression bomb; the JPEG
-# draft mode below keeps its decode memory bounded anyway.
+# PIL's own bomb guard stays as the outer limit; the preset's pixel and aspect budgets below are
+# the ones that apply (a 10000x10000 photo is legitimate, a 177-byte 100000x1 PNG is not).
 Image.MAX_IMAGE_PIXELS = 20_000 * 20_000
+MAX_IMAGE_PIXELS = 100_000_000
+MAX_ASPECT_RATIO = 20.0
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a bad image, counted and skipped
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 AUTO_AUGMENTS = ("none", "ta_wide")  # the names of torchvision references' --auto-augment
 
 
+class ImageRejected(ValueError):
+    """An image refused before it is decoded: over the pixel budget or the aspect ratio."""
+
+
+def check_image_size(width: int, height: int, max_pixels: int = MAX_IMAGE_PIXELS,
+                     max_aspect: float = MAX_ASPECT_RATIO) -> None:
+    """Refuse, from the header alone, an image whose decode or shorter-side resize would take far
+    more memory than its file: too many pixels, or so thin that resizing its short side to
+    resize_size makes the long side enormous."""
+    if width * height > max_pixels:
+        raise ImageRejected(f"{width}x{height} = {width * height / 1e6:.0f} M pixels, over the budget of "
+                            f"{max_pixels / 1e6:g} M (data.max_image_pixels)")
+    if max(width, height) > max_aspect * max(1, min(width, height)):
+        raise ImageRejected(f"{width}x{height}: aspect ratio {max(width, height) / max(1, min(width, height)):.0f}:1, "
+                            f"over {max_aspect:g}:1 (data.max_aspect_ratio)")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB: grayscale, palette, RGBA/LA (on white), CMYK, 16-bit."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: scale to 8 bits instead of letting convert() clip at 255.
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        img = Image.fromarray(np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8))
+    if img.mode.startswith("I;16"):
+        # 16-bit grayscale to 8 bits by integer division (floor(x * 255 / 65535)), instead of
+        # convert()'s clip at 255: no copy larger than the 16-bit image itself.
+        img = Image.fromarray((np.asarray(img).astype(np.uint16, copy=False) // 257).astype(np.uint8))
+    elif img.mode == "I":  # 32-bit integers: scaled by their peak, in float32
+        arr = np.asarray(img)
+        scale = np.float32(255.0 / max(int(arr.max()), 1))
+        img = Image.fromarray(np.clip(arr.astype(np.float32) * scale, 0, 255).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -53,6 +75,8 @@ class ImagePreset:
     ratio: tuple = (3 / 4, 4 / 3)
     eval_crop: int = 0  # CenterCrop size for evaluation; 0 = image_size (the recipe)
     auto_augment: str = "none"  # after crop + flip: "ta_wide" = TrivialAugmentWide
+    max_pixels: int = MAX_IMAGE_PIXELS  # larger images are refused before decoding
+    max_aspect: float = MAX_ASPECT_RATIO  # so are thinner ones (long side / short side)
 
     def __post_init__(self):
         if self.auto_augment not in AUTO_AUGMENTS:
@@ -63,7 +87,9 @@ class ImagePreset:
         """The preset of a config's data section, as a dict: a Config's to_dict() or the one saved
         in a checkpoint (whose older versions may lack the later fields)."""
         return cls(data["image_size"], data["resize_size"], scale=(data.get("crop_min_scale", 0.08), 1.0),
-                   eval_crop=data.get("eval_crop_size", 0), auto_augment=data.get("auto_augment", "none"))
+                   eval_crop=data.get("eval_crop_size", 0), auto_augment=data.get("auto_augment", "none"),
+                   max_pixels=data.get("max_image_pixels", MAX_IMAGE_PIXELS),
+                   max_aspect=data.get("max_aspect_ratio", MAX_ASPECT_RATIO))
 
     @property
     def eval_size(self) -> int:
@@ -72,8 +98,10 @@ class ImagePreset:
     def decode(self, data: bytes) -> np.ndarray:
         """Encoded bytes -> RGB uint8 HWC, EXIF orientation applied, shorter side = resize_size.
 
-        Raises on anything that is not a decodable image (the caller counts it)."""
+        Raises on anything that is not a decodable image (the caller counts it), and ImageRejected,
+        from the header alone, for one over the pixel or aspect budget."""
         img = Image.open(io.BytesIO(data))
+        check_image_size(*img.size, self.max_pixels, self.max_aspect)
         # JPEG draft decodes at 1/2, 1/4 or 1/8 scale directly: large photos cost a
         # fraction of the time and memory, and we only keep resize_size anyway.
         img.draft("RGB", (self.resize_size, self.resize_size))

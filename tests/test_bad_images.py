@@ -17,7 +17,7 @@ from pipeline.data import DatasetError, scan_image_folder
 from pipeline.runner import run_training
 from pipeline.synthetic import make_image, make_image_folder
 
-UNDECODABLE = ("truncated.jpg", "empty.jpg", "text.jpg")
+UNDECODABLE = ("truncated.jpg", "empty.jpg", "text.jpg", "strip.png")
 
 
 def jpeg(img: Image.Image, **kw) -> bytes:
@@ -42,6 +42,8 @@ def messy_dataset(tmp_path_factory):
     good.convert("P").save(os.path.join(d, "palette.png"))
     good.resize((1, 1)).save(os.path.join(d, "tiny.png"))
     Image.new("RGB", (10000, 10000), (200, 60, 40)).save(os.path.join(d, "huge.jpg"), quality=50)
+    # A few hundred bytes that would ask for gigabytes once the short side is resized to resize_size.
+    Image.new("1", (100_000, 1)).save(os.path.join(d, "strip.png"), optimize=True)
     exif = Image.Exif()
     exif[0x0112] = 6
     good.resize((96, 64)).save(os.path.join(d, "rotated.jpg"), exif=exif.tobytes())
@@ -56,37 +58,50 @@ def test_scan_skips_hidden_and_non_image_files_and_walks_nested_folders(messy_da
     index = scan_image_folder(messy_dataset)
     names = {os.path.basename(p) for p, _ in index.files["train"]}
     assert "nested.jpg" in names and ".DS_Store" not in names and "notes.txt" not in names
-    assert index.counts("train") == {"hotdog": 32 + 12, "not-hotdog": 32}
+    assert index.counts("train") == {"hotdog": 32 + 13, "not-hotdog": 32}
 
 
 def test_check_reports_every_bad_input(messy_dataset):
     report = check_dataset(messy_dataset)
     text = format_report(report)
-    bad = {os.path.basename(f.path) for f in report.files if f.error}
-    assert bad == set(UNDECODABLE)
+    bad = {os.path.basename(f.path): f.error for f in report.files if f.error}
+    assert set(bad) == set(UNDECODABLE)
+    assert "100000x1: aspect ratio 100000:1, over 20:1 (data.max_aspect_ratio)" in bad["strip.png"]
     modes = {f.mode for f in report.files}
     assert {"CMYK", "I;16", "L", "RGBA", "P", "RGB"} <= modes
     sizes = {f.size for f in report.files}
     assert (1, 1) in sizes and (10000, 10000) in sizes
-    assert "undecodable: 3" in text and report.ok  # skippable, not a problem
+    assert f"undecodable: {len(UNDECODABLE)}" in text and report.ok  # skippable, not a problem
     print(text)
 
 
 def test_training_skips_and_counts_bad_images(ray_local, messy_dataset, tmp_path):
     cfg = config_from_args(build_parser().parse_args(
         ["train", "--data", messy_dataset, "--weights", "none", "--epochs", "1", "--batch-size", "16",
+         "--data.max_bad_fraction", "0.1",
          "--data.image_size", "48", "--data.resize_size", "56", "--data.preview_images", "0",
          "--storage", str(tmp_path), "--name", "messy"]))
     out = run_training(cfg)
     assert out.history[0]["skipped_images"] == len(UNDECODABLE)
     assert out.history[0]["test_images"] == 24
+    # The same zoo through batch prediction: every file gets a row; the bad ones an empty label and
+    # the decoder's reason.
+    from pipeline.predict import predict
+
+    result = predict(out.best_checkpoint, os.path.join(messy_dataset, "train", "hotdog"), str(tmp_path / "p.csv"))
+    import pandas as pd
+
+    rows = pd.concat(pd.read_csv(os.path.join(tmp_path, "p.csv", f)) for f in os.listdir(tmp_path / "p.csv"))
+    bad = rows[rows["error"].notna()].set_index(rows[rows["error"].notna()]["path"].map(os.path.basename))
+    assert result["undecodable"] == len(UNDECODABLE) and set(bad.index) == set(UNDECODABLE)
+    assert "aspect ratio 100000:1" in bad.loc["strip.png", "error"]
 
 
 def test_too_many_bad_images_stop_before_training(ray_local, messy_dataset, tmp_path):
     cfg = config_from_args(build_parser().parse_args(
         ["train", "--data", messy_dataset, "--weights", "none", "--data.max_bad_fraction", "0.01",
          "--storage", str(tmp_path), "--name", "toomany"]))
-    with pytest.raises(DatasetError, match=r"3 of 76 train images cannot be decoded .* > data.max_bad_fraction"):
+    with pytest.raises(DatasetError, match=r"4 of 77 train images cannot be decoded .* > data.max_bad_fraction"):
         run_training(cfg)
     assert not os.path.exists(os.path.join(tmp_path, "toomany", "metrics.json"))
 

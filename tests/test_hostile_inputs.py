@@ -237,3 +237,74 @@ def test_local_weights_are_checked_against_their_pin_and_their_sidecar_must_load
     (tmp_path / "w.json").write_text('{"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}')
     err = refused(capsys, [*args, "--model.sidecar_sha256", "1" * 64], 1)
     assert "w.json: sha256 " in err and "does not match" in err
+
+
+SECRET = "tok3n-9f8e7d"
+MIRROR = f"https://reader:{SECRET}@mirror.example/models?X-Amz-Signature={SECRET}sig&X-Amz-Credential={SECRET}cred"
+
+
+def test_url_credentials_are_redacted_wherever_printed_or_saved(ray_local, capsys, tiny_dataset, source_weights,
+                                                                 tmp_path):
+    """A mirror URL with a user:token part and a presigned query: not in the banner, the checkpoint
+    (checkpoint.pt and config.yaml), metrics, or an error message."""
+    store = tmp_path / "runs"
+    assert main(["train", "--data", tiny_dataset, "--weights", source_weights, "--freeze-bn", "--epochs", "1",
+                 "--storage", str(store), "--name", "r", "--model.weights_mirror", MIRROR,
+                 "--data.image_size", "48", "--data.resize_size", "56", "--batch-size", "16",
+                 "--data.preview_images", "0"]) == 0
+    out = capsys.readouterr()
+    assert "mirror.example" in out.out and "reader:" not in out.out and SECRET not in out.out + out.err
+    files = [os.path.join(r, f) for r, _, fs in os.walk(store) for f in fs]
+    assert any(f.endswith("config.yaml") for f in files) and any(f.endswith("checkpoint.pt") for f in files)
+    assert [f for f in files if SECRET.encode() in open(f, "rb").read()] == []
+    err = refused(capsys, ["data", "fetch", f"http://u:{SECRET}@127.0.0.1:9/x.zip?token={SECRET}",
+                           "--dest", str(tmp_path / "dl"), "--sha1", "0" * 40], 1)
+    assert "127.0.0.1:9" in err and SECRET not in err
+    err = refused(capsys, ["train", "--data", tiny_dataset, "--storage", str(store),
+                           "--model.weights_mirror", f"ftp://u:{SECRET}@host/"], 2)
+    assert "model.weights_mirror" in err and SECRET not in err
+
+
+@pytest.fixture
+def list_only_s3(tmp_path, tiny_dataset, monkeypatch):
+    """A second SeaweedFS whose identity may list the dataset but not read it: what an expired or
+    narrowed policy looks like from inside a run (every listing works, every read is refused)."""
+    import secrets
+
+    from pipeline.devs3 import Identity, LocalS3
+    from pipeline.stage import stage
+
+    admin = Identity("a-" + secrets.token_hex(4), secrets.token_hex(16), ["Admin", "Read", "Write", "List"])
+    lister = Identity("l-" + secrets.token_hex(4), secrets.token_hex(16), ["List"])
+    server = LocalS3(str(tmp_path / "s3"), {"admin": admin, "lister": lister}).start()
+    server.create_bucket("data")
+    for k, v in server.env("admin").items():
+        monkeypatch.setenv(k, v)
+    stage(tiny_dataset, "s3://data/tiny")
+    for k, v in server.env("lister").items():
+        monkeypatch.setenv(k, v)
+    yield server
+    server.stop()
+
+
+def test_a_refused_listing_is_a_storage_error(capsys, list_only_s3):
+    err = refused(capsys, ["data", "check", "s3://data/tiny"], 1)
+    assert err.startswith("error: cannot list s3://data/tiny: ") and "ACCESS_DENIED" in err
+
+
+def test_a_failed_read_is_a_storage_error_not_a_bad_image(list_only_s3, monkeypatch):
+    """The dataset was listed; then the storage goes away. Training's decode and `data check` read
+    through data.read_file: the storage's error, never 'undecodable'."""
+    from pipeline import data, storage
+    from pipeline.transforms import ImagePreset
+
+    for k, v in list_only_s3.env("admin").items():
+        monkeypatch.setenv(k, v)
+    index = data.scan_image_folder("s3://data/tiny")
+    fs, _ = storage.resolve("s3://data/tiny")
+    first = index.files["test"][0][0]
+    assert data.decode_or_reason(data.read_file(fs, first), ImagePreset(), False)[1] == ""
+    list_only_s3.stop()
+    with pytest.raises(storage.StorageError, match=f"cannot read {first}: "):
+        data.read_file(fs, first)
+    assert data.decode_or_reason(b"not an image", ImagePreset(), False)[1].startswith("UnidentifiedImageError")
