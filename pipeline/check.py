@@ -71,6 +71,7 @@ def check_dataset(root: str, allow_overlap: bool = False, imbalance_ratio: float
         nonzero = [c for c in counts.values() if c]
         if nonzero and max(nonzero) > imbalance_ratio * min(nonzero):
             report.warnings.append(f"{split}/ classes are imbalanced: {max(nonzero)} vs {min(nonzero)} images")
+    report.warnings += [f"{n} {what} skipped (not followed, not read)" for what, n in index.skipped.items()]
     bad = [f for f in files if f.error]
     if bad:
         report.warnings.append(f"{len(bad)} undecodable file(s) will be skipped in training")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ class ImageFolderIndex:
     root: str
     classes: list[str]
     files: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # split -> [(path, label)]
+    skipped: dict[str, int] = field(default_factory=dict)  # what the scan left out, and how many
 
     def counts(self, split: str) -> dict[str, int]:
         c = {name: 0 for name in self.classes}
@@ -49,26 +51,51 @@ def scan_image_folder(root: str, splits=SPLITS) -> ImageFolderIndex:
         raise storage.StorageError(f"cannot list {root}: {e}") from None
 
 
+def _local_entries(split_dir: str, skipped: dict) -> list[tuple[str, bool]]:
+    """(path relative to split_dir, is a folder) under a local split, walked without following
+    links: a link may point anywhere on the machine, or at a folder above itself. Links and names
+    that are not UTF-8 are skipped and counted in `skipped`."""
+    out = []
+    base = os.fsencode(split_dir)
+    for root, dirs, files in os.walk(base):  # bytes: every name, decodable or not
+        for name in [*dirs, *files]:
+            full = os.path.join(root, name)
+            try:
+                rel = os.path.relpath(full, base).decode("utf-8")
+            except UnicodeDecodeError:
+                skipped["names that are not UTF-8"] = skipped.get("names that are not UTF-8", 0) + 1
+                continue
+            if os.path.islink(full):
+                skipped["symbolic links"] = skipped.get("symbolic links", 0) + 1
+                continue
+            out.append((rel.replace(os.sep, "/"), name in dirs))
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
+    return out
+
+
+def _listing(fs: pafs.FileSystem, split_dir: str, local: bool, skipped: dict) -> list[tuple[str, bool]]:
+    if local:
+        return _local_entries(split_dir, skipped)
+    return [(e.path[len(split_dir) + 1:], e.type == pafs.FileType.Directory)
+            for e in fs.get_file_info(pafs.FileSelector(split_dir, recursive=True))]
+
+
 def _scan(root: str, splits) -> ImageFolderIndex:
     fs, base = storage.resolve(root)
+    local = not root.startswith("s3://")
     classes: list[str] | None = None
     files: dict[str, list[tuple[str, int]]] = {}
+    skipped: dict[str, int] = {}
     for split in splits:
-        split_dir = posixpath.join(base, split) if root.startswith("s3://") else f"{base}/{split}"
-        info = fs.get_file_info(split_dir)
-        if info.type != pafs.FileType.Directory:
+        split_dir = f"{base}/{split}" if local else posixpath.join(base, split)
+        if fs.get_file_info(split_dir).type != pafs.FileType.Directory:
             raise DatasetError(f"{root}: missing '{split}/' folder (expected {split}/<class>/<images>)")
-        entries = fs.get_file_info(pafs.FileSelector(split_dir, recursive=True))
-        split_classes = sorted({e.path[len(split_dir) + 1:].split("/")[0] for e in entries
-                                if e.type == pafs.FileType.Directory
-                                and "/" not in e.path[len(split_dir) + 1:]
-                                and not _is_hidden(e.path[len(split_dir) + 1:])})
+        entries = _listing(fs, split_dir, local, skipped)
+        split_classes = sorted({rel for rel, is_dir in entries if is_dir and "/" not in rel and not _is_hidden(rel)})
         if not split_classes:
             # Object stores have no directories: derive classes from the keys.
-            split_classes = sorted({e.path[len(split_dir) + 1:].split("/")[0] for e in entries
-                                    if e.type == pafs.FileType.File
-                                    and "/" in e.path[len(split_dir) + 1:]
-                                    and not _is_hidden(e.path[len(split_dir) + 1:])})
+            split_classes = sorted({rel.split("/")[0] for rel, is_dir in entries
+                                    if not is_dir and "/" in rel and not _is_hidden(rel)})
         if classes is None:
             classes = split_classes
             if not classes:
@@ -77,15 +104,11 @@ def _scan(root: str, splits) -> ImageFolderIndex:
         if extra:
             raise DatasetError(f"{root}: classes {extra} appear in {split}/ but not in {splits[0]}/")
         index = {name: i for i, name in enumerate(classes)}
-        items = []
-        for e in entries:
-            rel = e.path[len(split_dir) + 1:]
-            if (e.type == pafs.FileType.File and "/" in rel and not _is_hidden(rel)
-                    and rel.lower().endswith(IMAGE_EXTENSIONS)):
-                items.append((e.path, index[rel.split("/")[0]]))
-        files[split] = sorted(items)
+        files[split] = sorted((f"{split_dir}/{rel}", index[rel.split("/")[0]]) for rel, is_dir in entries
+                              if not is_dir and "/" in rel and not _is_hidden(rel)
+                              and rel.lower().endswith(IMAGE_EXTENSIONS))
     assert classes is not None
-    return ImageFolderIndex(root=root, classes=classes, files=files)
+    return ImageFolderIndex(root=root, classes=classes, files=files, skipped=skipped)
 
 
 def stratified_split(index: ImageFolderIndex, fraction: float, seed: int) -> ImageFolderIndex:
@@ -99,7 +122,7 @@ def stratified_split(index: ImageFolderIndex, fraction: float, seed: int) -> Ima
         val += items[:n_val]
         train += items[n_val:]
     files = {"train": sorted(train), "val": sorted(val), **{k: v for k, v in index.files.items() if k != "train"}}
-    return ImageFolderIndex(root=index.root, classes=index.classes, files=files)
+    return ImageFolderIndex(root=index.root, classes=index.classes, files=files, skipped=index.skipped)
 
 
 # ---------------------------------------------------------------- Ray Data stages

@@ -308,3 +308,24 @@ def test_a_failed_read_is_a_storage_error_not_a_bad_image(list_only_s3, monkeypa
     with pytest.raises(storage.StorageError, match=f"cannot read {first}: "):
         data.read_file(fs, first)
     assert data.decode_or_reason(b"not an image", ImagePreset(), False)[1].startswith("UnidentifiedImageError")
+
+
+def test_links_and_undecodable_names_in_a_dataset_are_skipped_and_reported(capsys, tmp_path):
+    """A link out of the dataset, a link loop and a file name that is not UTF-8: none is followed or
+    read, `data check` names what it skipped, and nothing raises."""
+    from pipeline.synthetic import make_image_folder
+
+    root = make_image_folder(str(tmp_path / "ds"), train_per_class=3, test_per_class=2, size=32)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "private.jpg").write_bytes((tmp_path / "ds" / "train" / "hotdog" / "00000.jpg").read_bytes())
+    cls = os.path.join(root, "train", "hotdog")
+    os.symlink(str(outside), os.path.join(cls, "escape"))
+    os.symlink(str(outside / "private.jpg"), os.path.join(cls, "linked.jpg"))
+    os.symlink("..", os.path.join(cls, "loop"))
+    with open(os.path.join(os.fsencode(cls), b"bad\xffname.jpg"), "wb") as fh:
+        fh.write(b"not read")
+    assert main(["data", "check", root]) == 0
+    out = capsys.readouterr().out
+    assert "3 symbolic links skipped" in out and "1 names that are not UTF-8 skipped" in out
+    assert "private" not in out and re.search(r"hotdog\s+3\s+2", out), out
