@@ -204,6 +204,34 @@ def retrain_on_train_val(cfg: Config, prep: Prepared, exp_path: str, fs) -> dict
             "test_images": last["test_images"], "checkpoint": result.checkpoint.path}
 
 
+def make_tuner(cfg: Config, prep: Prepared, name: str, n_parallel: int, fs, path: str) -> tune.Tuner:
+    """The search's Tuner: restored when this experiment already has state in storage, else new."""
+    metric, mode = cfg.tune.objective()
+    exp_dir = storage.join(cfg.run.storage, name)
+    trainable = tune.with_parameters(_trial, base=cfg.to_dict(), prep=prep, fs=fs, path=f"{path}/{name}/trials")
+    # The trial function only drives its TorchTrainer; the workers hold the CPUs (Tune refuses 0).
+    trainable = tune.with_resources(trainable, {"CPU": 0.01})
+    exp_path = f"{path}/{name}"
+    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        print(f"resuming the search in {exp_dir}", flush=True)
+        return tune.Tuner.restore(exp_path, trainable, param_space=search_space(cfg), resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=fs)
+    return tune.Tuner(
+        trainable, param_space=search_space(cfg),
+        tune_config=tune.TuneConfig(
+            metric=metric, mode=mode, num_samples=cfg.tune.num_samples,
+            # Given explicitly, the generator enforces the concurrency limit itself.
+            search_alg=BasicVariantGenerator(random_state=cfg.optim.seed, max_concurrent=n_parallel),
+            # Epochs, not Tune's iteration count: a retried trial's first report is a later epoch.
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs,
+                                    grace_period=cfg.tune.grace_period,
+                                    reduction_factor=cfg.tune.reduction_factor)),
+        # A trial whose driver dies with its node is run again; its TorchTrainer, of the same name
+        # and storage, resumes from that trial's latest checkpoint.
+        run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures)))
+
+
 def run_search(cfg: Config, test_once: bool = True) -> dict:
     """The search; test_once=False leaves the test set unread (a caller that evaluates elsewhere)."""
     t_start = time.perf_counter()
@@ -222,32 +250,13 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
           f"{cfg.tune.workers_per_trial} worker(s) each, ASHA on {metric} (grace {cfg.tune.grace_period}, "
           f"reduction {cfg.tune.reduction_factor})\nexperiment: {exp_dir}", flush=True)
 
-    fs, path = storage.resolve(cfg.run.storage)
-    trainable = tune.with_parameters(_trial, base=cfg.to_dict(), prep=prep, fs=fs, path=f"{path}/{name}/trials")
-    # The trial function only drives its TorchTrainer; the workers hold the CPUs (Tune refuses 0).
-    trainable = tune.with_resources(trainable, {"CPU": 0.01})
-    exp_path = f"{path}/{name}"
-    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
-        print(f"resuming the search in {exp_dir}", flush=True)
-        tuner = tune.Tuner.restore(exp_path, trainable, param_space=search_space(cfg), resume_unfinished=True,
-                                   resume_errored=True, storage_filesystem=fs)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=search_space(cfg),
-            tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, num_samples=cfg.tune.num_samples,
-                # Given explicitly, the generator enforces the concurrency limit itself.
-                search_alg=BasicVariantGenerator(random_state=cfg.optim.seed, max_concurrent=n_parallel),
-                # Epochs, not Tune's iteration count: a retried trial's first report is a later epoch.
-                scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs,
-                                        grace_period=cfg.tune.grace_period,
-                                        reduction_factor=cfg.tune.reduction_factor)),
-            # A trial whose driver dies with its node is run again; its TorchTrainer, of the same name
-            # and storage, resumes from that trial's latest checkpoint.
-            run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures)))
+    # Ray Tune copies AWS key variables into every trial's runtime env, so they leave the environment
+    # for the search. The filesystem is built inside: pyarrow's AWS chain settles where it looks for
+    # a key file when it is created.
     with storage.keys_held_in_a_private_file():
-        grid = tuner.fit()
+        fs, path = storage.resolve(cfg.run.storage)
+        grid = make_tuner(cfg, prep, name, n_parallel, fs, path).fit()
+    exp_path = f"{path}/{name}"
 
     trials = sorted((trial_summary(r, cfg) for r in grid), key=lambda t: rank_key(t, cfg), reverse=True)
     best_trial, trial_margin = pick_trial(trials, cfg)
