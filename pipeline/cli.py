@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data import DatasetError
     from pipeline.fetch import FetchError
     from pipeline.redact import redact
+    from pipeline.runstate import RunStateError
     from pipeline.weights import WeightsError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as e:  # what the user can fix: one clear line, no traceback
         print(redact(f"PROBLEM: {e}" if args.func is _data_check else f"error: {e}"), file=sys.stderr)
         return 1
-    except (FetchError, storage.StorageError, WeightsError, FileNotFoundError) as e:
+    except (FetchError, storage.StorageError, WeightsError, RunStateError, FileNotFoundError) as e:
         if os.environ.get("RAY_FINETUNE_LOG") == "debug":
             traceback.print_exc()
         print(redact(f"error: {e}"), file=sys.stderr)

@@ -27,6 +27,7 @@ LOSS_REDUCTIONS = ("mean", "sum")
 SCHEDULES = ("cosine", "constant")
 CACHE_MODES = ("auto", "always", "never")
 USE_GPU = ("auto", "true", "false")
+RESUME_MODES = ("auto", "never", "must")
 
 # The seed recipe's learning rates are for a per-batch SUMMED loss (d2l's
 # train_batch_ch13 calls loss.sum().backward()). Our defaults are for a mean loss
@@ -195,6 +196,9 @@ class RunConfig:
     s3_endpoint: str = _f("", "S3 endpoint URL (MinIO, SeaweedFS, Ceph...). Default: AWS_ENDPOINT_URL_S3, "
                           "AWS_ENDPOINT_URL, else AWS. Credentials come from the AWS chain, never from here.")
     max_failures: int = _f(2, "Worker-group failures tolerated; each restarts from the latest checkpoint.")
+    resume: str = _f("auto", "A run folder that already holds a run: 'auto' resumes it when its run.json shows "
+                     "the same model and data fields, classes and dataset (else refuses), 'must' resumes "
+                     "whatever is there, 'never' refuses to touch it.")
     crash_at_epoch: int = _f(0, "TESTING ONLY: the last worker exits once at the start of this epoch (0 = never).")
     ray_address: str = _f("", "Ray cluster to join ('auto', ray://...). Empty: in-process local Ray, "
                           "or the cluster of a `ray job submit`.")
@@ -483,6 +487,7 @@ def validate(cfg: Config) -> Config:
     _check(r.name == "" or re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", r.name) is not None, "run.name", r.name,
            "only letters, digits, '.', '_' and '-', not starting with '.' ('' = a name from the config)")
     _check(bool(r.storage), "run.storage", r.storage, "required: a local folder or s3://bucket/prefix")
+    _check(r.resume in RESUME_MODES, "run.resume", r.resume, f"valid: {', '.join(RESUME_MODES)}")
     _check(r.max_failures >= -1, "run.max_failures", r.max_failures, "must be >= 0, or -1 for unlimited")
     _check(r.crash_at_epoch >= 0, "run.crash_at_epoch", r.crash_at_epoch, "must be >= 0")
     _check(not r.s3_endpoint or re.match(r"^https?://", r.s3_endpoint) is not None, "run.s3_endpoint",

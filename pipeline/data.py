@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ class ImageFolderIndex:
     classes: list[str]
     files: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # split -> [(path, label)]
     skipped: dict[str, int] = field(default_factory=dict)  # what the scan left out, and how many
+    fingerprint: dict = field(default_factory=dict)  # {"files": n, "sha256": of the sorted paths and sizes}
 
     def counts(self, split: str) -> dict[str, int]:
         c = {name: 0 for name in self.classes}
@@ -51,8 +54,8 @@ def scan_image_folder(root: str, splits=SPLITS) -> ImageFolderIndex:
         raise storage.StorageError(f"cannot list {root}: {e}") from None
 
 
-def _local_entries(split_dir: str, skipped: dict) -> list[tuple[str, bool]]:
-    """(path relative to split_dir, is a folder) under a local split, walked without following
+def _local_entries(split_dir: str, skipped: dict) -> list[tuple[str, bool, int]]:
+    """(path relative to split_dir, is a folder, size) under a local split, walked without following
     links: a link may point anywhere on the machine, or at a folder above itself. Links and names
     that are not UTF-8 are skipped and counted in `skipped`."""
     out = []
@@ -68,15 +71,15 @@ def _local_entries(split_dir: str, skipped: dict) -> list[tuple[str, bool]]:
             if os.path.islink(full):
                 skipped["symbolic links"] = skipped.get("symbolic links", 0) + 1
                 continue
-            out.append((rel.replace(os.sep, "/"), name in dirs))
+            out.append((rel.replace(os.sep, "/"), name in dirs, 0 if name in dirs else os.stat(full).st_size))
         dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
     return out
 
 
-def _listing(fs: pafs.FileSystem, split_dir: str, local: bool, skipped: dict) -> list[tuple[str, bool]]:
+def _listing(fs: pafs.FileSystem, split_dir: str, local: bool, skipped: dict) -> list[tuple[str, bool, int]]:
     if local:
         return _local_entries(split_dir, skipped)
-    return [(e.path[len(split_dir) + 1:], e.type == pafs.FileType.Directory)
+    return [(e.path[len(split_dir) + 1:], e.type == pafs.FileType.Directory, e.size or 0)
             for e in fs.get_file_info(pafs.FileSelector(split_dir, recursive=True))]
 
 
@@ -86,15 +89,16 @@ def _scan(root: str, splits) -> ImageFolderIndex:
     classes: list[str] | None = None
     files: dict[str, list[tuple[str, int]]] = {}
     skipped: dict[str, int] = {}
+    digest, count = hashlib.sha256(), 0  # the dataset's fingerprint: sorted paths (per split) and sizes
     for split in splits:
         split_dir = f"{base}/{split}" if local else posixpath.join(base, split)
         if fs.get_file_info(split_dir).type != pafs.FileType.Directory:
             raise DatasetError(f"{root}: missing '{split}/' folder (expected {split}/<class>/<images>)")
         entries = _listing(fs, split_dir, local, skipped)
-        split_classes = sorted({rel for rel, is_dir in entries if is_dir and "/" not in rel and not _is_hidden(rel)})
+        split_classes = sorted({rel for rel, is_dir, _ in entries if is_dir and "/" not in rel and not _is_hidden(rel)})
         if not split_classes:
             # Object stores have no directories: derive classes from the keys.
-            split_classes = sorted({rel.split("/")[0] for rel, is_dir in entries
+            split_classes = sorted({rel.split("/")[0] for rel, is_dir, _ in entries
                                     if not is_dir and "/" in rel and not _is_hidden(rel)})
         if classes is None:
             classes = split_classes
@@ -104,11 +108,14 @@ def _scan(root: str, splits) -> ImageFolderIndex:
         if extra:
             raise DatasetError(f"{root}: classes {extra} appear in {split}/ but not in {splits[0]}/")
         index = {name: i for i, name in enumerate(classes)}
-        files[split] = sorted((f"{split_dir}/{rel}", index[rel.split("/")[0]]) for rel, is_dir in entries
-                              if not is_dir and "/" in rel and not _is_hidden(rel)
-                              and rel.lower().endswith(IMAGE_EXTENSIONS))
+        images = sorted((rel, size) for rel, is_dir, size in entries
+                        if not is_dir and "/" in rel and not _is_hidden(rel) and rel.lower().endswith(IMAGE_EXTENSIONS))
+        files[split] = [(f"{split_dir}/{rel}", index[rel.split("/")[0]]) for rel, _ in images]
+        digest.update(json.dumps([split, images]).encode())
+        count += len(images)
     assert classes is not None
-    return ImageFolderIndex(root=root, classes=classes, files=files, skipped=skipped)
+    return ImageFolderIndex(root=root, classes=classes, files=files, skipped=skipped,
+                            fingerprint={"files": count, "sha256": digest.hexdigest()})
 
 
 def stratified_split(index: ImageFolderIndex, fraction: float, seed: int) -> ImageFolderIndex:
@@ -122,7 +129,8 @@ def stratified_split(index: ImageFolderIndex, fraction: float, seed: int) -> Ima
         val += items[:n_val]
         train += items[n_val:]
     files = {"train": sorted(train), "val": sorted(val), **{k: v for k, v in index.files.items() if k != "train"}}
-    return ImageFolderIndex(root=index.root, classes=index.classes, files=files, skipped=index.skipped)
+    return ImageFolderIndex(root=index.root, classes=index.classes, files=files, skipped=index.skipped,
+                            fingerprint=index.fingerprint)
 
 
 # ---------------------------------------------------------------- Ray Data stages

@@ -20,7 +20,7 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from pipeline import data, plots, storage
+from pipeline import data, plots, runstate, storage
 from pipeline.cluster import check_local_paths
 from pipeline.config import Config, describe
 from pipeline.model import load_source_weights, match_classes
@@ -341,19 +341,29 @@ def s3_uri(storage_root: str, path: str) -> str:
     return path
 
 
+def _train(cfg: Config, name: str, run_dir: str) -> ray.train.Result:
+    prep = prepare(cfg)
+    if cfg.data.preview_images:
+        storage.write_bytes(storage.join(run_dir, "preview.png"),
+                            _preview(prep.splits["train"], prep.preset, prep.classes, cfg.data.preview_images))
+    fs, storage_path = storage.resolve(cfg.run.storage)
+    return make_trainer(cfg, prep, name=name, storage_path=storage_path, fs=fs).fit()
+
+
 def run_training(cfg: Config) -> TrainOutcome:
     """The whole local or cluster run; cfg must already be validated."""
     t_start = time.perf_counter()
     name = run_name(cfg)
     run_dir = storage.join(cfg.run.storage, name)
     begin(cfg)
-    print(f"run: {run_dir}", flush=True)
-    prep = prepare(cfg)
-    if cfg.data.preview_images:
-        storage.write_bytes(storage.join(run_dir, "preview.png"),
-                            _preview(prep.splits["train"], prep.preset, prep.classes, cfg.data.preview_images))
-    fs, storage_path = storage.resolve(cfg.run.storage)
-    result = make_trainer(cfg, prep, name=name, storage_path=storage_path, fs=fs).fit()
+    index = data.scan_image_folder(cfg.data.path)
+    ident = runstate.identity(cfg.to_dict(), index.classes, index.fingerprint)
+    resuming = runstate.check_resume(run_dir, cfg.run.resume, ident)  # before anything is written there
+    print(f"run: {run_dir}{'  (resuming)' if resuming else ''}", flush=True)
+    with runstate.Lease(run_dir):
+        if not resuming:
+            storage.write_bytes(storage.join(run_dir, runstate.IDENTITY), json.dumps(ident, indent=1).encode())
+        result = _train(cfg, name, run_dir)
     history = result.return_value or []
     best_ckpt = result.get_best_checkpoint(metric="test_acc", mode="max")
     best = max(history, key=lambda h: h["test_acc"])

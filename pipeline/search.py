@@ -17,13 +17,14 @@ import math
 import time
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pipeline import data, plots, storage
+from pipeline import data, plots, runstate, storage
 from pipeline.config import Config
 from pipeline.model import STAGES
 from pipeline.redact import redact_tree
@@ -204,6 +205,33 @@ def retrain_on_train_val(cfg: Config, prep: Prepared, exp_path: str, fs) -> dict
             "test_images": last["test_images"], "checkpoint": result.checkpoint.path}
 
 
+class TuneStateRecorder(tune.Callback):
+    """Records the digests of Ray Tune's state files (runstate.record_tune_state) right after Tune
+    saves them: Tune saves inside a controller step, before that step's callbacks run. It looks at
+    the folder at most every period_s, and rehashes only when a file changed."""
+
+    def __init__(self, fs, exp_path: str, period_s: float = 0.5):
+        self.fs, self.exp_path, self.period_s = fs, exp_path, period_s
+        self._last_look, self._seen = 0.0, None
+
+    def _listing(self) -> list:
+        return sorted((i.path, i.size, i.mtime_ns) for i in self.fs.get_file_info(
+            pafs.FileSelector(self.exp_path, allow_not_found=True)) if i.type == pafs.FileType.File
+            and i.path.rsplit("/", 1)[-1] not in runstate.OWN_FILES)
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        if time.monotonic() - self._last_look < self.period_s:
+            return
+        self._last_look = time.monotonic()
+        seen = self._listing()
+        if seen != self._seen:
+            runstate.record_tune_state(self.fs, self.exp_path)
+            self._seen = seen
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        runstate.record_tune_state(self.fs, self.exp_path)
+
+
 def make_tuner(cfg: Config, prep: Prepared, name: str, n_parallel: int, fs, path: str) -> tune.Tuner:
     """The search's Tuner: restored when this experiment already has state in storage, else new."""
     metric, mode = cfg.tune.objective()
@@ -213,10 +241,13 @@ def make_tuner(cfg: Config, prep: Prepared, name: str, n_parallel: int, fs, path
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
     exp_path = f"{path}/{name}"
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        runstate.check_tune_resume(fs, exp_path, exp_dir, cfg.run.resume)  # before Tune unpickles anything
         print(f"resuming the search in {exp_dir}", flush=True)
         return tune.Tuner.restore(exp_path, trainable, param_space=search_space(cfg), resume_unfinished=True,
                                    resume_errored=True, storage_filesystem=fs)
-    return tune.Tuner(
+    if cfg.run.resume == "must":
+        raise runstate.RunStateError(f"{exp_dir} holds no search to resume (--run.resume must)")
+    tuner = tune.Tuner(
         trainable, param_space=search_space(cfg),
         tune_config=tune.TuneConfig(
             metric=metric, mode=mode, num_samples=cfg.tune.num_samples,
@@ -229,7 +260,10 @@ def make_tuner(cfg: Config, prep: Prepared, name: str, n_parallel: int, fs, path
         # A trial whose driver dies with its node is run again; its TorchTrainer, of the same name
         # and storage, resumes from that trial's latest checkpoint.
         run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures)))
+                                  failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
+                                  callbacks=[TuneStateRecorder(fs, exp_path)]))
+    runstate.record_tune_state(fs, exp_path)  # tuner.pkl is written by now
+    return tuner
 
 
 def run_search(cfg: Config, test_once: bool = True) -> dict:

@@ -113,6 +113,20 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def delete(uri: str) -> None:
+    """Remove a file; one that is already gone is fine."""
+    fs, path = resolve(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def read_json(uri: str):
     """A JSON file this project wrote; StorageError naming it when it is truncated or not JSON."""
     import json
