@@ -28,9 +28,11 @@ from pipeline.redact import redact_tree
 from pipeline.runner import (
     Prepared,
     begin,
+    fit,
     make_trainer,
     prepare,
     run_name,
+    s3_uri,
     with_eval_crop,
     with_light_cpu_claim,
     with_probe_head,
@@ -84,13 +86,13 @@ def _summarize(runs: list[dict]) -> dict:
 
 def _train_row(cfg: Config, prep: Prepared, name: str, exp_path: str, fs) -> dict:
     t0 = time.perf_counter()
-    result = make_trainer(cfg, prep, name=name, storage_path=exp_path, fs=fs).fit()
+    result = fit(make_trainer(cfg, prep, name=name, storage_path=exp_path, fs=fs))
     history = result.return_value
     curve = [h["test_acc"] for h in history]
     return {"seed": cfg.optim.seed, "test_acc": curve[-1], "curve": curve, "best_epoch": int(np.argmax(curve)) + 1,
             "test_images": history[-1]["test_images"], "wall_s": time.perf_counter() - t0, "lr": cfg.lr,
             "head_lr_mult": cfg.head_lr_mult, "freeze_depth": cfg.model.freeze_depth,
-            "checkpoint": result.checkpoint.path if result.checkpoint else None}
+            "checkpoint": s3_uri(cfg.run.storage, result.checkpoint.path) if result.checkpoint else None}
 
 
 def run_experiment(cfg: Config) -> dict:

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -287,7 +288,9 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
             **({"reuse_rows": prep.reuse_rows, "rest_bias": prep.rest_bias}
                if cfg.model.reuse_classifier and prep.source_ref is not None else {}),
             **({"probe_head": prep.probe_head} if cfg.model.probe_init else {}),
-            "train_images": train.num_images}
+            "train_images": train.num_images, "max_bad_fraction": cfg.data.max_bad_fraction,
+            # Streamed splits find their undecodable files as they go: the loop counts them per epoch.
+            "streamed_files": {s: prep.splits[s].num_images for s in ("train", eval_split) if prep.splits[s].streaming}}
     res = prep.res
     # Checkpoints kept beside the latest: the best by test accuracy, or in a search trial by what the
     # search scores (tune.select_metric), so that a search judging best epochs finds its pick.
@@ -327,6 +330,42 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
     )
 
 
+def fit(trainer: TorchTrainer) -> ray.train.Result:
+    """trainer.fit(), with what the user can act on raised as this project's own errors: a
+    streamed split with too many undecodable files (DatasetError), and a storage read that still
+    failed when the worker group ran out of restarts (StorageError)."""
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        cause = storage_failure(e)
+        if cause:
+            raise storage.StorageError(cause) from None
+        raise
+    problem = (result.return_value or [{}])[-1].get("data_error")
+    if problem:
+        raise data.DatasetError(problem)
+    return result
+
+
+def storage_failure(error: BaseException) -> str:
+    """The StorageError message inside a training failure (a worker's error, the Ray Data task
+    error inside it, their causes), or "". A task's error reaches the driver as a RayTaskError
+    whose text holds the original's last line."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        found = re.findall(r"StorageError: (cannot \S+ .+)", str(e))
+        if found:
+            return found[-1]
+        if isinstance(e, storage.StorageError):
+            return str(e)
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None), *getattr(e, "worker_failures", {}).values()]
+    return ""
+
+
 def worker_count(cfg: Config) -> int | tuple[int, int]:
     """Ray Train's num_workers: fixed, or (min, max) for an elastic group (scaling.min_workers) that
     goes on with as few as min_workers when nodes are lost and grows back when they return."""
@@ -347,7 +386,7 @@ def _train(cfg: Config, name: str, run_dir: str) -> ray.train.Result:
         storage.write_bytes(storage.join(run_dir, "preview.png"),
                             _preview(prep.splits["train"], prep.preset, prep.classes, cfg.data.preview_images))
     fs, storage_path = storage.resolve(cfg.run.storage)
-    return make_trainer(cfg, prep, name=name, storage_path=storage_path, fs=fs).fit()
+    return fit(make_trainer(cfg, prep, name=name, storage_path=storage_path, fs=fs))
 
 
 def run_training(cfg: Config) -> TrainOutcome:

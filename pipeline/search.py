@@ -31,6 +31,7 @@ from pipeline.redact import redact_tree
 from pipeline.runner import (
     Prepared,
     begin,
+    fit,
     make_trainer,
     prepare,
     run_name,
@@ -75,7 +76,7 @@ def _trial(params: dict, *, base: dict, prep: Prepared, fs, path: str) -> None:
     cfg = trial_config(base, params)
     trainer = make_trainer(cfg, prep, name=tune.get_context().get_trial_id(), storage_path=path, fs=fs,
                            eval_split="val", callbacks=[TuneReportCallback()])
-    trainer.fit()
+    fit(trainer)
 
 
 def trial_summary(result: tune.Result, cfg: Config) -> dict:
@@ -199,7 +200,7 @@ def retrain_on_train_val(cfg: Config, prep: Prepared, exp_path: str, fs) -> dict
                                train.num_images + val_for_training.num_images, [])
     print(f"final model: the best config on train + val ({merged.num_images} images)", flush=True)
     final = dataclasses.replace(prep, splits={**prep.splits, "train": merged})
-    result = make_trainer(cfg, final, name="final", storage_path=exp_path, fs=fs).fit()
+    result = fit(make_trainer(cfg, final, name="final", storage_path=exp_path, fs=fs))
     last = result.return_value[-1]
     return {"train_images": merged.num_images, "epochs": last["epoch"], "test_acc": last["test_acc"],
             "test_images": last["test_images"], "checkpoint": result.checkpoint.path}

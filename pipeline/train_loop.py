@@ -314,6 +314,26 @@ def chosen_wise_alpha(alphas: list, scores: list, errors: list, goodness, tolera
     return min(close, key=lambda i: (alphas[i], i)), float(margin)
 
 
+def undecodable_this_epoch(meta: dict, metrics: dict, eval_split: str, world: int) -> dict[str, int]:
+    """Per streamed split, the files that gave no image this epoch (none when the splits were
+    decoded once: those were counted and checked on the driver). Exact for the evaluation split,
+    whose shards are exact; a lower bound for train, whose equal split may also drop up to
+    world - 1 good rows to balance the ranks."""
+    seen = {"train": (metrics["train_images"], world - 1), eval_split: (metrics[f"{eval_split}_images"], 0)}
+    return {split: max(0, n - seen[split][0] - seen[split][1])
+            for split, n in meta.get("streamed_files", {}).items() if split in seen}
+
+
+def too_many_undecodable(bad: dict[str, int], meta: dict, epoch: int) -> str:
+    """The data error that stops a streamed run, or "": a split whose undecodable share this
+    epoch is over data.max_bad_fraction."""
+    limit = meta.get("max_bad_fraction", 1.0)
+    files = meta.get("streamed_files", {})
+    over = [f"{bad[s]} of {files[s]} {s} images could not be decoded in epoch {epoch} "
+            f"({bad[s] / files[s]:.1%} > data.max_bad_fraction {limit:.1%})" for s in bad if bad[s] / files[s] > limit]
+    return "; ".join(over) + "; `finetune data check` names them" if over else ""
+
+
 def worker_nodes() -> list[str]:
     """The Ray node ID of every rank, in rank order (one all-gather at the start of a worker group)."""
     node = ray.get_runtime_context().get_node_id()
@@ -377,19 +397,28 @@ def train_loop_per_worker(loop_config: dict) -> list:
         train_s = time.perf_counter() - t0
         batches = runner.prefetch_epoch(train_shard, epoch + 1) if epoch < epochs else None
         metrics.update(runner.evaluate(eval_shard, eval_split))
+        streamed_bad = undecodable_this_epoch(meta, metrics, eval_split, ctx.get_world_size())
         metrics.update(epoch=epoch, examples_per_sec=metrics["train_images"] / train_s,
                        first_batch_unix=runner.first_batch_unix, first_step_unix=runner.first_step_unix,
-                       epoch_time_s=time.perf_counter() - t0, skipped_images=meta["skipped_images"],
+                       epoch_time_s=time.perf_counter() - t0,
+                       skipped_images=sum(streamed_bad.values()) if streamed_bad else meta["skipped_images"],
                        world_size=ctx.get_world_size(), per_worker_batch=runner.local_batch,
                        lr=runner.optimizer.param_groups[0]["lr"], worker_nodes=nodes, attempt=len(starts) - 1)
         history.append(metrics)
+        problem = too_many_undecodable(streamed_bad, meta, epoch)
+        if problem:
+            # Every rank holds the same all-reduced counts, so all stop here together; the driver
+            # raises it (a worker error would only be retried from the checkpoint, and fail again).
+            metrics["data_error"] = problem
+            ray.train.report(metrics)
+            break
         if rank == 0:
             say(f"epoch {epoch}/{epochs}  loss {metrics['train_loss']:.3f}  train acc {metrics['train_acc']:.3f}"
                 f"  {eval_split} acc {metrics[eval_split + '_acc']:.3f}"
                 + (f" (WiSE alpha {metrics['wise_alpha']:g})" if "wise_alpha" in metrics else "")
                 + f"  {metrics['examples_per_sec']:.1f} examples/sec"
                 f"  ({metrics['epoch_time_s']:.1f} s)"
-                + (f"  [{meta['skipped_images']} undecodable images skipped]" if meta["skipped_images"] else ""))
+                + (f"  [{metrics['skipped_images']} undecodable images skipped]" if metrics["skipped_images"] else ""))
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, {**runner.state_dict(), "epoch": epoch, "config": loop_config["config"],
                                       "history": history, "starts": starts, "rng": torch.get_rng_state(),

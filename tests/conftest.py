@@ -24,13 +24,13 @@ def ray_local(s3):
 
     Started after the S3 server, with its credentials in the environment: Ray's worker processes
     inherit the environment of the ray.init that started them, and resolve S3 credentials from it
-    (no key travels in what Ray pickles)."""
-    if not ray.is_initialized():
-        from pipeline.devs3 import free_port
+    (no key travels in what Ray pickles). Its value: the Ray session's folder (logs and all)."""
+    from pipeline.devs3 import free_port
 
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=True, dashboard_port=free_port(),
-                 configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": REPO}})
-    yield
+    ray.shutdown()  # whatever an earlier test left running: this session's Ray is this one
+    context = ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=True, dashboard_port=free_port(),
+                       configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": REPO}})
+    yield context.address_info["session_dir"]
     ray.shutdown()
 
 

@@ -75,15 +75,18 @@ def test_check_reports_every_bad_input(messy_dataset):
     print(text)
 
 
-def test_training_skips_and_counts_bad_images(ray_local, messy_dataset, tmp_path):
+@pytest.mark.parametrize("cache", ["always", "never"])  # decoded once, or streamed: counted every epoch
+def test_training_skips_and_counts_bad_images(ray_local, messy_dataset, tmp_path, cache):
     cfg = config_from_args(build_parser().parse_args(
         ["train", "--data", messy_dataset, "--weights", "none", "--epochs", "1", "--batch-size", "16",
-         "--data.max_bad_fraction", "0.1",
+         "--data.max_bad_fraction", "0.1", "--data.cache_decoded", cache,
          "--data.image_size", "48", "--data.resize_size", "56", "--data.preview_images", "0",
          "--storage", str(tmp_path), "--name", "messy"]))
     out = run_training(cfg)
     assert out.history[0]["skipped_images"] == len(UNDECODABLE)
     assert out.history[0]["test_images"] == 24
+    if cache == "never":
+        return
     # The same zoo through batch prediction: every file gets a row; the bad ones an empty label and
     # the decoder's reason.
     from pipeline.predict import predict
@@ -104,6 +107,22 @@ def test_too_many_bad_images_stop_before_training(ray_local, messy_dataset, tmp_
     with pytest.raises(DatasetError, match=r"4 of 77 train images cannot be decoded .* > data.max_bad_fraction"):
         run_training(cfg)
     assert not os.path.exists(os.path.join(tmp_path, "toomany", "metrics.json"))
+
+
+def test_too_many_bad_images_stop_a_streamed_run_after_the_epoch_that_found_them(ray_local, messy_dataset, tmp_path):
+    """Streamed, the bad files are found only while training reads them: the first epoch counts
+    them and the run stops there with the data error, not a worker crash to retry."""
+    cfg = config_from_args(build_parser().parse_args(
+        ["train", "--data", messy_dataset, "--weights", "none", "--epochs", "3", "--batch-size", "16",
+         "--data.image_size", "48", "--data.resize_size", "56", "--data.preview_images", "0",
+         "--data.cache_decoded", "never", "--data.max_bad_fraction", "0.01",
+         "--storage", str(tmp_path), "--name", "streamed"]))
+    with pytest.raises(DatasetError, match=r"^4 of 77 train images could not be decoded in epoch 1 \(5.2% > "
+                                           r"data.max_bad_fraction 1.0%\); `finetune data check` names them$"):
+        run_training(cfg)
+    run = os.path.join(tmp_path, "streamed")
+    assert not os.path.exists(os.path.join(run, "metrics.json"))
+    assert not [f for f in os.listdir(run) if f.startswith("checkpoint_")]  # the bad epoch is not kept
 
 
 def test_layout_problems_are_clear(tmp_path):

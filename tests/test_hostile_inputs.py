@@ -32,6 +32,9 @@ def existing_run(tmp_path):
     return run
 
 
+RAY_WORKER_LINE = re.compile(r"(\x1b\[\d+m)?\(\w+ pid=\d+(, ip=[\d.]+)?\)")
+
+
 def refused(capsys, argv: list[str], code: int) -> str:
     """Run the CLI; assert the exit code, no traceback and exactly one error line; return that line
     (a refusal after Ray has started comes after Ray's own start-up lines)."""
@@ -39,6 +42,8 @@ def refused(capsys, argv: list[str], code: int) -> str:
     # Not ours: a Ray logging handler left bound to an earlier test's captured stream reports its own
     # "--- Logging error ---" (with a traceback) when it writes.
     err = re.sub(r"--- Logging error ---\n.*?\nArguments: [^\n]*\n", "", capsys.readouterr().err, flags=re.S)
+    # What Ray forwards from its worker processes' own logs, "(RayTrainWorker pid=...) ...", is theirs too.
+    err = "\n".join(line for line in err.splitlines() if not RAY_WORKER_LINE.match(line))
     errors = [line for line in err.splitlines() if line.startswith(("error: ", "config error: "))]
     assert "Traceback" not in err and len(errors) == 1, err
     return errors[0]
@@ -389,3 +394,36 @@ def test_a_planted_search_state_is_never_unpickled(ray_local, capsys, tiny_datas
     err = refused(capsys, args, 1)
     assert "tuner.pkl changed since this project recorded the search state" in err and not marker.exists()
     assert "--run.resume is never" in refused(capsys, [*args, "--run.resume", "never"], 1)
+
+
+def test_storage_lost_mid_run_fails_it_with_the_storage_error_and_keeps_its_checkpoint(ray_local, capsys,
+                                                                                       list_only_s3, monkeypatch,
+                                                                                       tmp_path):
+    """A streamed run reads the bucket every epoch. The server goes away after the first
+    checkpoint: the worker group's restart finds it gone as well, and the run fails with the
+    storage's error, never as a run that trained on fewer ("undecodable") images."""
+    import glob
+    import threading
+    import time
+
+    for k, v in list_only_s3.env("admin").items():
+        monkeypatch.setenv(k, v)
+    run = tmp_path / "runs" / "lost"
+
+    def stop_after_the_first_checkpoint():
+        deadline = time.monotonic() + 300
+        while not glob.glob(str(run / "checkpoint_*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        list_only_s3.stop()
+
+    stopper = threading.Thread(target=stop_after_the_first_checkpoint, daemon=True)
+    stopper.start()
+    err = refused(capsys, ["train", "--data", "s3://data/tiny", "--weights", "none", "--epochs", "8",
+                           "--batch-size", "16", "--data.image_size", "48", "--data.resize_size", "56",
+                           "--data.preview_images", "0", "--data.cache_decoded", "never", "--run.max_failures", "1",
+                           "--storage", str(run.parent), "--name", "lost"], 1)
+    stopper.join()
+    assert re.match(r"error: cannot read \S*tiny/(train|test)/\S+\.jpg: ", err), err
+    assert "undecodable" not in capsys.readouterr().out
+    kept = glob.glob(str(run / "checkpoint_*" / "checkpoint.pt"))
+    assert kept and not os.path.exists(run / "metrics.json")

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from pyarrow.fs import copy_files
 from ray.train import Checkpoint
 
 from pipeline import data, storage
@@ -18,6 +19,7 @@ from pipeline.model import evaluated_weights
 from pipeline.probe import PENALTIES
 from pipeline.search import run_search
 from pipeline.train_loop import load_checkpoint
+from tests.secret_scan import credential_hits, held_secrets
 
 SMALL = ["--data.image_size", "48", "--data.resize_size", "56", "--batch-size", "16", "--freeze-bn"]
 
@@ -190,32 +192,43 @@ def test_report_renders_in_headless_chromium(search, tmp_path):
     assert img.size == (1000, 3000) and colors > 200  # plots drawn, not a blank page
 
 
-def test_killed_search_resumes_with_the_same_command(ray_local, tiny_dataset, source_weights, tmp_path):
+def test_killed_search_resumes_with_the_same_command(ray_local, s3, tiny_dataset, source_weights, tmp_path):
+    """A search on S3 storage, its driver and local Ray killed after a trial, then resumed. Its Ray
+    keeps its session folder under ray_tmp, which the credential scan reads afterwards."""
     import signal
     import subprocess
     import sys
+    import tempfile
     import time
 
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     args = [sys.executable, "-m", "pipeline.cli", "tune", "--data", tiny_dataset, "--weights", source_weights,
-            "--epochs", "2", "--num-samples", "3", "--tune.lr_max", "3e-3", "--storage", str(tmp_path),
+            "--epochs", "2", "--num-samples", "3", "--tune.lr_max", "3e-3", "--storage", "s3://runs/resumed",
             "--name", "killed", *SMALL]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+                             start_new_session=True, env=env)
     for line in first.stdout:
         if "epoch 2/2" in line:  # the first trial is done: kill the driver and its local Ray
             time.sleep(2)
             os.killpg(first.pid, signal.SIGKILL)
             break
     first.wait()
-    assert not os.path.exists(tmp_path / "killed" / "best.json")
+    assert "resumed/killed/best.json" not in s3_keys("resumed/killed/")
     # A driver killed at an arbitrary moment may have died just after Tune saved its state and before
     # the project recorded that state's digests: a plain rerun then refuses (run.resume auto), and
     # --run.resume must, the user vouching for the storage, resumes.
-    second = subprocess.run([*args, "--run.resume", "must"], capture_output=True, text=True, timeout=900)
+    second = subprocess.run([*args, "--run.resume", "must"], capture_output=True, text=True, timeout=900, env=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming the search" in second.stdout
-    summary = json.load(open(tmp_path / "killed" / "best.json"))
+    summary = json.loads(storage.read_bytes("s3://runs/resumed/killed/best.json"))
     assert len(summary["trials"]) == 3 and all(not t["error"] for t in summary["trials"])
+    assert "resumed/killed/tuner.pkl" in s3_keys("resumed/killed/")
+    hits, scanned = credential_hits(held_secrets(), folders=[ray_tmp])  # the bucket is scanned below
+    assert scanned > 50 and not hits, hits
+    import shutil
+
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_weights, tmp_path):
@@ -237,8 +250,9 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
          "--tune.wise_alphas", "0.5",  # and with WiSE-FT at 0.5
          "--experiment.tuned_recipe", "{optim: {epochs: 3, schedule: cosine}, data: {batch_size: 8, eval_flip: true}, "
          "model: {probe_init: true}}",
-         "--storage", str(tmp_path / "runs"), "--name", "exp"]))
-    results = run_experiment(cfg)
+         "--storage", "s3://runs/experiment", "--name", "exp"]))
+    results = json.loads(json.dumps(run_experiment(cfg)).replace("s3://runs/experiment", str(tmp_path / "runs")))
+    copy_files("runs/experiment/exp", str(tmp_path / "runs" / "exp"), source_filesystem=storage.resolve("s3://runs")[0])
     rows = results["rows"]
     assert list(rows) == ["zero_shot", "finetune_reuse", "finetune_tuned"]
     assert results["reuse_rows"] == {"hotdog": 934} and 0 <= rows["zero_shot"]["test_acc_mean"] <= 1
@@ -318,3 +332,18 @@ def test_the_pick_is_the_trial_nearest_the_start_within_one_standard_error_of_th
     # Searches saved before trials reported a standard error and a distance: the best-ranked trial.
     old = [{k: v for k, v in t.items() if k not in ("val_loss_se", "weight_distance")} for t in trials]
     assert pick_trial(old, cfg) == (old[0], 0.0)
+
+
+def test_no_credential_is_stored_anywhere_after_train_tune_resumed_tune_and_experiment(
+        ray_local, s3, tmp_path_factory):
+    """The searches above ran on S3 storage with the keys in the environment: the search (with its
+    final retraining, a plain TorchTrainer run), the killed and resumed search, the experiment. No key
+    is in any object of any bucket, in any file this session's tests wrote, or in the session Ray's
+    folder (its logs, the runtime env agent's included)."""
+    expected = ("tune/search/tuner.pkl", "resumed/killed/tuner.pkl", "experiment/exp/tune/tuner.pkl")
+    missing = [k for k in expected if k not in s3_keys(k)]
+    assert not missing, f"run the whole module: {missing} were not written"
+    skip = {str(s3.data_dir)}  # the server's own files hold its identities
+    hits, scanned = credential_hits(held_secrets(), buckets=("runs", "datasets"),
+                                    folders=[str(tmp_path_factory.getbasetemp()), ray_local], skip=skip)
+    assert scanned > 500 and not hits, hits
