@@ -100,11 +100,12 @@ def _runs(args) -> int:
     from pipeline import runs
 
     if args.runs_command == "list":
-        print(f"{'run':<32} {'epochs':>6} {'best test acc':>14} {'best epoch':>10}  state")
+        # The run's model: the lowest val loss with a validation split, else the last epoch (runs.chosen_metrics).
+        print(f"{'run':<32} {'epochs':>6} {'model epoch':>11} {'val loss':>8} {'test acc':>8}  state")
         for r in runs.list_runs(args.storage):
-            acc = f"{r['best_test_acc']:.3f}" if r["best_test_acc"] is not None else "-"
-            epochs = "-" if r["epochs"] is None else r["epochs"]
-            print(f"{r['name']:<32} {epochs:>6} {acc:>14} {r['best_epoch'] or '-':>10}  {r['state']}")
+            cells = [("-" if r[k] is None else f"{r[k]:{f}}") for k, f in (("epochs", ""), ("model_epoch", ""),
+                                                                          ("val_loss", ".3f"), ("test_acc", ".3f"))]
+            print(f"{r['name']:<32} {cells[0]:>6} {cells[1]:>11} {cells[2]:>8} {cells[3]:>8}  {r['state']}")
     elif args.runs_command == "show":
         print(runs.show_run(args.run))
     else:
@@ -180,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("storage" if name == "list" else "run", help="local folder or s3://bucket/prefix")
         if name == "download":
             p.add_argument("dest")
-            p.add_argument("--best", action="store_true", help="the best checkpoint by test accuracy")
+            p.add_argument("--best", action="store_true",
+                           help="the run's model: lowest val loss with data.val_fraction, else the last epoch")
         p.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default: AWS_ENDPOINT_URL[_S3])")
         p.set_defaults(func=_runs)
     return parser

@@ -64,6 +64,10 @@ class DataConfig:
     eval_crop_size: int = _f(0, "CenterCrop size for evaluation and prediction (0 = image_size, the seed's). Up to "
                              "resize_size: a larger test crop shows more of each photo, and a network trained on "
                              "RandomResizedCrop often scores higher on it (FixRes, Touvron et al. 2019).")
+    val_fraction: float = _f(0.0, "`finetune train`: a stratified validation split carved from train (fixed by "
+                             "optim.seed). The run's model is then its epoch with the lowest val_loss, and "
+                             "checkpoints are kept by it. 0: no validation split; every train image trains and the "
+                             "run's model is its last epoch. Test is only reported, never used to choose.")
     max_bad_fraction: float = _f(0.05, "Stop before training when more than this fraction of images "
                                  "cannot be decoded (fewer are skipped and counted).")
     cache_decoded: str = _f("auto", "Keep the decoded uint8 copy of each split in Ray's object store "
@@ -436,6 +440,7 @@ def validate(cfg: Config) -> Config:
            f"must be in data.image_size ({d.image_size})..2048")
     _check(d.eval_crop_size == 0 or 16 <= d.eval_crop_size <= d.resize_size, "data.eval_crop_size", d.eval_crop_size,
            f"must be 0 (= image_size) or in 16..data.resize_size ({d.resize_size})")
+    _check(0 <= d.val_fraction < 0.9, "data.val_fraction", d.val_fraction, "must be in [0, 0.9)")
     _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1]")
     _check(d.cache_decoded in CACHE_MODES, "data.cache_decoded", d.cache_decoded, f"valid: {', '.join(CACHE_MODES)}")
     _check(0 < d.crop_min_scale <= 1, "data.crop_min_scale", d.crop_min_scale, "must be in (0, 1]")

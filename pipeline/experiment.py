@@ -81,7 +81,7 @@ def _summarize(runs: list[dict]) -> dict:
     return {"test_acc_mean": float(finals.mean()), "test_acc_std": float(finals.std()),
             "test_acc_se": accuracy_standard_error(float(finals.mean()), runs[0]["test_images"]),
             "epoch1_acc_mean": float(first.mean()), "epoch1_acc_std": float(first.std()),
-            "best_epochs": [r["best_epoch"] for r in runs], "wall_s_mean": float(np.mean([r["wall_s"] for r in runs]))}
+            "wall_s_mean": float(np.mean([r["wall_s"] for r in runs]))}
 
 
 def _train_row(cfg: Config, prep: Prepared, name: str, exp_path: str, fs) -> dict:
@@ -89,7 +89,7 @@ def _train_row(cfg: Config, prep: Prepared, name: str, exp_path: str, fs) -> dic
     result = fit(make_trainer(cfg, prep, name=name, storage_path=exp_path, fs=fs))
     history = result.return_value
     curve = [h["test_acc"] for h in history]
-    return {"seed": cfg.optim.seed, "test_acc": curve[-1], "curve": curve, "best_epoch": int(np.argmax(curve)) + 1,
+    return {"seed": cfg.optim.seed, "test_acc": curve[-1], "curve": curve,
             "test_images": history[-1]["test_images"], "wall_s": time.perf_counter() - t0, "lr": cfg.lr,
             "head_lr_mult": cfg.head_lr_mult, "freeze_depth": cfg.model.freeze_depth,
             "checkpoint": s3_uri(cfg.run.storage, result.checkpoint.path) if result.checkpoint else None}
@@ -161,8 +161,8 @@ def run_experiment(cfg: Config) -> dict:
                 extra["probe_head"] = {k: row_prep.probe_head[k] for k in ("penalty", "cv_loss")}
             r = _train_row(c, row_prep, f"{row}-seed{seed}", exp_path, fs)
             runs.append(r)
-            print(f"[{row} seed {seed}] test acc {r['test_acc']:.3f} (epoch 1: {r['curve'][0]:.3f}, "
-                  f"best epoch {r['best_epoch']}) in {r['wall_s']:.0f} s", flush=True)
+            print(f"[{row} seed {seed}] test acc {r['test_acc']:.3f} (epoch 1: {r['curve'][0]:.3f}) "
+                  f"in {r['wall_s']:.0f} s", flush=True)
         results["rows"][row] = {"runs": runs, **_summarize(runs), **extra, "row_wall_s": time.perf_counter() - t_row}
     results["zero_shot"] = zero
     results["wall_time_s"] = time.perf_counter() - t_start
@@ -191,13 +191,13 @@ def format_table(results: dict) -> str:
     standard error (results without one, saved before it was reported, show "-")."""
     zero = (results.get("zero_shot") or {}).get("test_acc")
     lines = ["| row | test acc (last epoch), mean ± std | test-set SE | per seed | acc after epoch 1 "
-             "| best epoch per seed | wall time per run | beats zero-shot |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| wall time per run | beats zero-shot |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for key, r in results["rows"].items():
         title = ROW_TITLES[key]
         se = f"{r['test_acc_se']:.3f}" if "test_acc_se" in r else "-"
         if not r["runs"]:
-            lines.append(f"| {title} | {r['test_acc_mean']:.3f} | {se} | - | - | - | - | (baseline) |")
+            lines.append(f"| {title} | {r['test_acc_mean']:.3f} | {se} | - | - | - | (baseline) |")
             continue
         seeds = ", ".join(f"{x['test_acc']:.3f}" for x in r["runs"])
         beats = f"{sum(x['test_acc'] > zero for x in r['runs'])}/{len(r['runs'])}" if zero is not None else "-"
@@ -211,7 +211,6 @@ def format_table(results: dict) -> str:
             if r.get("recipe"):
                 title += "; recipe " + ", ".join(f"{k}={v}" for k, v in _flat(r["recipe"]))
         lines.append(f"| {title} | {r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f} | {se} | {seeds} | "
-                     f"{r['epoch1_acc_mean']:.3f} ± {r['epoch1_acc_std']:.3f} | "
-                     f"{', '.join(map(str, r['best_epochs']))} | {wall} | {beats} |")
+                     f"{r['epoch1_acc_mean']:.3f} ± {r['epoch1_acc_std']:.3f} | {wall} | {beats} |")
     return "\n".join(lines)
 

@@ -23,11 +23,14 @@ def _png(fig) -> bytes:
 
 
 def learning_curves(history: list[dict], title: str = "") -> bytes:
-    """Train loss, train acc and test acc per epoch on one axis, like d2l's Animator."""
+    """Train loss, train acc, val acc (when the run has a validation split) and test acc per epoch on
+    one axis, like d2l's Animator."""
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(epochs, [h["train_loss"] for h in history], "-", label="train loss")
     ax.plot(epochs, [h["train_acc"] for h in history], "m--", label="train acc")
+    if all("val_acc" in h for h in history):
+        ax.plot(epochs, [h["val_acc"] for h in history], "c:", label="val acc")
     ax.plot(epochs, [h["test_acc"] for h in history], "g-.", label="test acc")
     ax.set_xlabel("epoch")
     ax.set_xlim(min(epochs) - 0.1 if epochs else 0, max(epochs) + 0.1 if epochs else 1)

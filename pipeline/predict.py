@@ -19,19 +19,20 @@ import torch
 
 from pipeline import data, storage
 from pipeline.inference import Classifier
+from pipeline.runs import chosen_checkpoint
 from pipeline.train_loop import CHECKPOINT_FILE
 from pipeline.transforms import IMAGE_EXTENSIONS
 
 
 def resolve_checkpoint(uri: str) -> ray.train.Checkpoint:
-    """A checkpoint folder (holding checkpoint.pt), or a run folder: its best checkpoint by test accuracy."""
+    """A checkpoint folder (holding checkpoint.pt), or a run folder: the run's model (runs.chosen_checkpoint)."""
     fs, path = storage.resolve(uri)
     if fs.get_file_info(f"{path}/{CHECKPOINT_FILE}").type == pafs.FileType.File:
         return ray.train.Checkpoint(path, filesystem=fs)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{uri}: no such checkpoint or run folder")
     result = ray.train.Result.from_path(path, storage_filesystem=fs)
-    ckpt = result.get_best_checkpoint("test_acc", "max") or result.checkpoint
+    ckpt = chosen_checkpoint(result)
     if ckpt is None:
         raise FileNotFoundError(f"{uri}: a run folder without checkpoints")
     return ckpt

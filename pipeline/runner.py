@@ -21,7 +21,7 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from pipeline import data, plots, runstate, storage
+from pipeline import data, plots, runs, runstate, storage
 from pipeline.cluster import check_local_paths
 from pipeline.config import Config, describe
 from pipeline.model import load_source_weights, match_classes
@@ -113,8 +113,8 @@ def run_name(cfg: Config) -> str:
 class TrainOutcome:
     run_dir: str
     history: list[dict]
-    best: dict
-    best_checkpoint: str
+    model: dict  # the metrics of the run's model (runs.chosen_metrics)
+    model_checkpoint: str
     wall_s: float
 
 
@@ -164,7 +164,7 @@ def load_split(cfg: Config, index: data.ImageFolderIndex, split: str, preset: Im
     return data.stream_split(index, split, preset, task_cpus=res.data_task_cpus, **kwargs)
 
 
-def prepare(cfg: Config, eval_split: str = "test", val_fraction: float = 0.0) -> Prepared:
+def prepare(cfg: Config, val_fraction: float = 0.0) -> Prepared:
     """Scan, load weights, decode every split once. val_fraction > 0 carves a stratified
     validation split out of train (the split Tune selects on; test stays untouched)."""
     t0 = time.perf_counter()
@@ -271,9 +271,10 @@ def worker_malloc_env(heap_reuse: bool) -> dict:
     return dict(HEAP_REUSE_ENV) if heap_reuse else {}
 
 
-def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, fs, eval_split: str = "test",
+def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, fs, in_search: bool = False,
                  callbacks=None) -> TorchTrainer:
-    """A TorchTrainer for cfg over the prepared data, evaluating on eval_split ('test' or 'val')."""
+    """A TorchTrainer for cfg over the prepared data. Every epoch it evaluates the validation split,
+    if prep has one, and (outside a search trial, which never reads test) the test split."""
     if lacks_probe_head(prep, cfg):
         raise ValueError("model.probe_init: the prepared data has no probe head fitted for this config "
                          "(see with_probe_head)")
@@ -282,19 +283,22 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
     # copy depends on neither.
     augment = dataclasses.replace(prep.preset, scale=(cfg.data.crop_min_scale, 1.0),
                                   auto_augment=cfg.data.auto_augment)
+    eval_splits = ("val",) if in_search else tuple(s for s in ("val", "test") if s in prep.splits)
     datasets = {"train": data.train_stream(train, augment, prep.res.data_task_cpus, seed=cfg.optim.seed)}
     meta = {"classes": prep.classes, "mean": list(prep.source.mean), "std": list(prep.source.std),
-            "arch": cfg.model.arch, "skipped_images": prep.skipped, "eval_split": eval_split,
+            "arch": cfg.model.arch, "skipped_images": prep.skipped, "in_search": in_search,
             **({"reuse_rows": prep.reuse_rows, "rest_bias": prep.rest_bias}
                if cfg.model.reuse_classifier and prep.source_ref is not None else {}),
             **({"probe_head": prep.probe_head} if cfg.model.probe_init else {}),
             "train_images": train.num_images, "max_bad_fraction": cfg.data.max_bad_fraction,
             # Streamed splits find their undecodable files as they go: the loop counts them per epoch.
-            "streamed_files": {s: prep.splits[s].num_images for s in ("train", eval_split) if prep.splits[s].streaming}}
+            "streamed_files": {s: prep.splits[s].num_images for s in ("train", *eval_splits)
+                               if prep.splits[s].streaming}}
     res = prep.res
-    # Checkpoints kept beside the latest: the best by test accuracy, or in a search trial by what the
-    # search scores (tune.select_metric), so that a search judging best epochs finds its pick.
-    score, order = cfg.tune.objective() if eval_split == "val" else (f"{eval_split}_acc", "max")
+    # Checkpoints kept beside the latest: with a validation split, the best on it (a search trial's by
+    # what the search scores, so that a search judging best epochs finds its pick; a run's by
+    # val_loss, as runs.chosen_metrics picks); without, the latest ones. Never by test.
+    score, order = (cfg.tune.objective() if in_search else runs.SELECT_ON) if "val" in eval_splits else (None, "max")
     # Ray Train's default is the driver's options; copied here rather than through
     # DataConfig.default_ingest_options, which passes the deprecated exclude_resources along.
     ingest = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
@@ -307,7 +311,8 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
         # cut here: a split needs a CPU that a worker node's training workers may all hold.
         train_loop_config={"config": cfg.to_dict(), "meta": meta, "torch_threads": res.torch_threads,
                            "source": prep.source_ref, "eval_shards": {
-                               n: data.split_for_ranks(prep.splits[eval_split], n) for n in cfg.scaling.group_sizes()}},
+                               split: {n: data.split_for_ranks(prep.splits[split], n)
+                                       for n in cfg.scaling.group_sizes()} for split in eval_splits}},
         scaling_config=ray.train.ScalingConfig(
             num_workers=worker_count(cfg), use_gpu=res.use_gpu,
             elastic_resize_monitor_interval_s=cfg.scaling.resize_interval_s,
@@ -381,7 +386,7 @@ def s3_uri(storage_root: str, path: str) -> str:
 
 
 def _train(cfg: Config, name: str, run_dir: str) -> ray.train.Result:
-    prep = prepare(cfg)
+    prep = prepare(cfg, val_fraction=cfg.data.val_fraction)
     if cfg.data.preview_images:
         storage.write_bytes(storage.join(run_dir, "preview.png"),
                             _preview(prep.splits["train"], prep.preset, prep.classes, cfg.data.preview_images))
@@ -404,12 +409,16 @@ def run_training(cfg: Config) -> TrainOutcome:
             storage.write_bytes(storage.join(run_dir, runstate.IDENTITY), json.dumps(ident, indent=1).encode())
         result = _train(cfg, name, run_dir)
     history = result.return_value or []
-    best_ckpt = result.get_best_checkpoint(metric="test_acc", mode="max")
-    best = max(history, key=lambda h: h["test_acc"])
+    model_ckpt = runs.chosen_checkpoint(result)
+    model = runs.chosen_metrics(history)
     _write_artifacts(run_dir, history, f"{cfg.model.arch} on {os.path.basename(cfg.data.path.rstrip('/'))}")
     wall = time.perf_counter() - t_start
-    best_path = s3_uri(cfg.run.storage, best_ckpt.path if best_ckpt else "")
-    print(f"best epoch {best['epoch']}: test acc {best['test_acc']:.3f}  train acc {best['train_acc']:.3f}  "
-          f"loss {best['train_loss']:.3f}\ncheckpoint: {best_path}\nrun folder: {run_dir}  "
-          f"(metrics.csv, metrics.json, curves.png, preview.png)\nwall time {wall:.1f} s", flush=True)
-    return TrainOutcome(run_dir, history, best, best_path, wall)
+    model_path = s3_uri(cfg.run.storage, model_ckpt.path if model_ckpt else "")
+    why = (f"lowest val loss {model['val_loss']:.3f} (val acc {model['val_acc']:.3f})" if "val_loss" in model
+           else "the last epoch")
+    print(f"model: epoch {model['epoch']}, {why}\n"
+          f"test acc {model['test_acc']:.3f} on {model['test_images']} images (reported; never used to choose)"
+          f"  train acc {model['train_acc']:.3f}  loss {model['train_loss']:.3f}\ncheckpoint: {model_path}\n"
+          f"run folder: {run_dir}  (metrics.csv, metrics.json, curves.png, preview.png)\nwall time {wall:.1f} s",
+          flush=True)
+    return TrainOutcome(run_dir, history, model, model_path, wall)

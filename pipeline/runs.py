@@ -21,8 +21,32 @@ def _read_json(uri: str):
         return None
 
 
+# A run's model, when it has a validation split (data.val_fraction): its epoch with the lowest val_loss.
+SELECT_ON = ("val_loss", "min")
+
+
+def chosen_metrics(rows: list[dict]) -> dict:
+    """The run's model among its epochs' (or its kept checkpoints') metrics: with a validation split,
+    the lowest val_loss (the later epoch on a tie); without, the last epoch. Test never chooses: it is
+    the number reported for whichever model this picks."""
+    with_val = [r for r in rows if r.get("val_loss") is not None]
+    if with_val:
+        return min(with_val, key=lambda r: (r["val_loss"], -r["epoch"]))
+    return max(rows, key=lambda r: r["epoch"])
+
+
+def chosen_checkpoint(result):
+    """The checkpoint of the run's model (chosen_metrics over the kept ones), or None."""
+    pairs = result.best_checkpoints or []
+    if not pairs:
+        return result.checkpoint
+    pick = chosen_metrics([m for _, m in pairs])
+    return next(c for c, m in pairs if m is pick)
+
+
 def list_runs(store: str) -> list[dict]:
-    """One row per run folder: name, epochs finished, best test accuracy, state."""
+    """One row per run folder: name, epochs finished, the run's model (its epoch, val loss, test
+    accuracy), state."""
     fs, base = storage.resolve(store)
     rows = []
     for info in sorted(fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)), key=lambda i: i.path):
@@ -30,25 +54,27 @@ def list_runs(store: str) -> list[dict]:
             continue
         name = info.path.rstrip("/").rsplit("/", 1)[-1]
         run = storage.join(store, name)
+        row = {"name": name, "epochs": None, "model_epoch": None, "val_loss": None, "test_acc": None}
         try:
             history = _read_json(storage.join(run, "metrics.json"))
             snap = _read_json(storage.join(run, SNAPSHOT))
         except storage.StorageError as e:  # one damaged run must not hide the others
-            rows.append({"name": name, "epochs": None, "best_test_acc": None, "best_epoch": None,
-                         "state": f"unreadable: {e}"})
+            rows.append({**row, "state": f"unreadable: {e}"})
             continue
         if history:
-            best = max(history, key=lambda h: h["test_acc"])
-            rows.append({"name": name, "epochs": len(history), "best_test_acc": best["test_acc"],
-                         "best_epoch": best["epoch"], "state": "finished"})
+            rows.append({**row, **_model_row(history), "epochs": len(history), "state": "finished"})
         elif snap:
             results = [r["metrics"] for r in snap.get("checkpoint_results", [])]
-            best = max(results, key=lambda m: m["test_acc"]) if results else {}
             latest = snap.get("latest_checkpoint_result") or {}
-            rows.append({"name": name, "epochs": latest.get("metrics", {}).get("epoch", 0),
-                         "best_test_acc": best.get("test_acc"), "best_epoch": best.get("epoch"),
+            rows.append({**row, **(_model_row(results) if results else {}),
+                         "epochs": latest.get("metrics", {}).get("epoch", 0),
                          "state": "unfinished (rerun the same --name to resume)"})
     return rows
+
+
+def _model_row(rows: list[dict]) -> dict:
+    pick = chosen_metrics(rows)
+    return {"model_epoch": pick["epoch"], "val_loss": pick.get("val_loss"), "test_acc": pick.get("test_acc")}
 
 
 def _result(run: str):
@@ -65,13 +91,18 @@ def show_run(run: str) -> str:
     lines = [f"run {run}"]
     if history is None:  # unfinished: what the checkpoints reported
         history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-    lines.append(f"{'epoch':>5} {'loss':>8} {'train acc':>10} {'test acc':>9} {'img/s':>8} {'time s':>8}")
+    val = any(h.get("val_loss") is not None for h in history)
+    lines.append(f"{'epoch':>5} {'loss':>8} {'train acc':>10}" + (f" {'val loss':>9} {'val acc':>8}" if val else "")
+                 + f" {'test acc':>9} {'img/s':>8} {'time s':>8}")
     for h in history:
-        lines.append(f"{h['epoch']:>5} {h['train_loss']:>8.3f} {h['train_acc']:>10.3f} {h['test_acc']:>9.3f} "
-                     f"{h['examples_per_sec']:>8.1f} {h['epoch_time_s']:>8.1f}")
-    lines.append("checkpoints (kept, best first):")
-    for ckpt, metrics in sorted(result.best_checkpoints, key=lambda cm: -cm[1]["test_acc"]):
-        lines.append(f"  epoch {metrics['epoch']}: test acc {metrics['test_acc']:.3f}  {_uri(run, ckpt.path)}")
+        lines.append(f"{h['epoch']:>5} {h['train_loss']:>8.3f} {h['train_acc']:>10.3f}"
+                     + (f" {h['val_loss']:>9.3f} {h['val_acc']:>8.3f}" if val else "")
+                     + f" {h['test_acc']:>9.3f} {h['examples_per_sec']:>8.1f} {h['epoch_time_s']:>8.1f}")
+    model = chosen_checkpoint(result)
+    lines.append("checkpoints kept (* the run's model: " + ("lowest val loss)" if val else "the last epoch)"))
+    for ckpt, metrics in sorted(result.best_checkpoints, key=lambda cm: -cm[1]["epoch"]):
+        mark = "*" if model is not None and ckpt.path == model.path else " "
+        lines.append(f" {mark} epoch {metrics['epoch']}: test acc {metrics['test_acc']:.3f}  {_uri(run, ckpt.path)}")
     return "\n".join(lines)
 
 
@@ -107,9 +138,10 @@ def _copy_tree(fs: pafs.FileSystem, src: str, dest: str) -> None:
 
 
 def download_run(run: str, dest: str, best: bool = False) -> str:
-    """Copy the latest (or best) checkpoint and the run's artifacts to a local folder."""
+    """Copy the latest checkpoint (best: the run's model, chosen_checkpoint) and the run's artifacts to
+    a local folder."""
     result = _result(run)
-    ckpt = result.get_best_checkpoint("test_acc", "max") if best else result.checkpoint
+    ckpt = chosen_checkpoint(result) if best else result.checkpoint
     if ckpt is None:
         raise FileNotFoundError(f"{run}: no checkpoint")
     target = os.path.join(dest, _checkpoint_folder(run, ckpt.path))

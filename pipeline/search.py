@@ -75,7 +75,7 @@ def _trial(params: dict, *, base: dict, prep: Prepared, fs, path: str) -> None:
     # environment knows neither.
     cfg = trial_config(base, params)
     trainer = make_trainer(cfg, prep, name=tune.get_context().get_trial_id(), storage_path=path, fs=fs,
-                           eval_split="val", callbacks=[TuneReportCallback()])
+                           in_search=True, callbacks=[TuneReportCallback()])
     fit(trainer)
 
 
@@ -199,7 +199,8 @@ def retrain_on_train_val(cfg: Config, prep: Prepared, exp_path: str, fs) -> dict
     merged = data.DecodedSplit(train.dataset.union(val_for_training.dataset).materialize(),
                                train.num_images + val_for_training.num_images, [])
     print(f"final model: the best config on train + val ({merged.num_images} images)", flush=True)
-    final = dataclasses.replace(prep, splits={**prep.splits, "train": merged})
+    # No validation split left: the final model is its last epoch.
+    final = dataclasses.replace(prep, splits={"train": merged, "test": prep.splits["test"]})
     result = fit(make_trainer(cfg, final, name="final", storage_path=exp_path, fs=fs))
     last = result.return_value[-1]
     return {"train_images": merged.num_images, "epochs": last["epoch"], "test_acc": last["test_acc"],

@@ -141,7 +141,7 @@ class EpochRunner:
         # the checkpoint choice judge a trial by the model it would be used as; with
         # tune.select_tolerance they also report how far their weights moved from the start. Runs
         # that need neither keep no copy.
-        in_search = meta["eval_split"] == "val"
+        in_search = meta["in_search"]
         self.offered_alphas = list(cfg.tune.wise_alphas) if in_search else []
         keep = (cfg.model.wise_alpha != 1 or any(a != 1 for a in self.offered_alphas)
                 or (in_search and cfg.tune.select_tolerance > 0))
@@ -314,14 +314,13 @@ def chosen_wise_alpha(alphas: list, scores: list, errors: list, goodness, tolera
     return min(close, key=lambda i: (alphas[i], i)), float(margin)
 
 
-def undecodable_this_epoch(meta: dict, metrics: dict, eval_split: str, world: int) -> dict[str, int]:
+def undecodable_this_epoch(meta: dict, metrics: dict, world: int) -> dict[str, int]:
     """Per streamed split, the files that gave no image this epoch (none when the splits were
-    decoded once: those were counted and checked on the driver). Exact for the evaluation split,
+    decoded once: those were counted and checked on the driver). Exact for the evaluation splits,
     whose shards are exact; a lower bound for train, whose equal split may also drop up to
     world - 1 good rows to balance the ranks."""
-    seen = {"train": (metrics["train_images"], world - 1), eval_split: (metrics[f"{eval_split}_images"], 0)}
-    return {split: max(0, n - seen[split][0] - seen[split][1])
-            for split, n in meta.get("streamed_files", {}).items() if split in seen}
+    return {split: max(0, n - metrics[f"{split}_images"] - (world - 1 if split == "train" else 0))
+            for split, n in meta.get("streamed_files", {}).items()}
 
 
 def too_many_undecodable(bad: dict[str, int], meta: dict, epoch: int) -> str:
@@ -376,9 +375,8 @@ def train_loop_per_worker(loop_config: dict) -> list:
     nodes = worker_nodes()
 
     train_shard = ray.train.get_dataset_shard("train")
-    eval_split = meta["eval_split"]  # 'test' for a run, 'val' inside a Tune search
     # Cut on the driver for every size the group may have: an elastic run's is known only here.
-    eval_shard = loop_config["eval_shards"][ctx.get_world_size()][rank]
+    eval_shards = {split: shards[ctx.get_world_size()][rank] for split, shards in loop_config["eval_shards"].items()}
     epochs = cfg.optim.epochs
     if start_epoch > epochs and history:
         # Resumed a run that had already finished (its driver died before hearing so):
@@ -396,8 +394,9 @@ def train_loop_per_worker(loop_config: dict) -> list:
             os._exit(1)
         train_s = time.perf_counter() - t0
         batches = runner.prefetch_epoch(train_shard, epoch + 1) if epoch < epochs else None
-        metrics.update(runner.evaluate(eval_shard, eval_split))
-        streamed_bad = undecodable_this_epoch(meta, metrics, eval_split, ctx.get_world_size())
+        for split, shard in eval_shards.items():  # 'val' chooses (if carved), 'test' is reported
+            metrics.update(runner.evaluate(shard, split))
+        streamed_bad = undecodable_this_epoch(meta, metrics, ctx.get_world_size())
         metrics.update(epoch=epoch, examples_per_sec=metrics["train_images"] / train_s,
                        first_batch_unix=runner.first_batch_unix, first_step_unix=runner.first_step_unix,
                        epoch_time_s=time.perf_counter() - t0,
@@ -414,7 +413,7 @@ def train_loop_per_worker(loop_config: dict) -> list:
             break
         if rank == 0:
             say(f"epoch {epoch}/{epochs}  loss {metrics['train_loss']:.3f}  train acc {metrics['train_acc']:.3f}"
-                f"  {eval_split} acc {metrics[eval_split + '_acc']:.3f}"
+                + "".join(f"  {split} acc {metrics[split + '_acc']:.3f}" for split in eval_shards)
                 + (f" (WiSE alpha {metrics['wise_alpha']:g})" if "wise_alpha" in metrics else "")
                 + f"  {metrics['examples_per_sec']:.1f} examples/sec"
                 f"  ({metrics['epoch_time_s']:.1f} s)"

@@ -91,7 +91,7 @@ def test_training_skips_and_counts_bad_images(ray_local, messy_dataset, tmp_path
     # the decoder's reason.
     from pipeline.predict import predict
 
-    result = predict(out.best_checkpoint, os.path.join(messy_dataset, "train", "hotdog"), str(tmp_path / "p.csv"))
+    result = predict(out.model_checkpoint, os.path.join(messy_dataset, "train", "hotdog"), str(tmp_path / "p.csv"))
     import pandas as pd
 
     rows = pd.concat(pd.read_csv(os.path.join(tmp_path, "p.csv", f)) for f in os.listdir(tmp_path / "p.csv"))

@@ -159,7 +159,7 @@ def test_experiment_rows_validated():
 def test_table_reports_the_test_sets_standard_error():
     """0.93 on 500 test images: sqrt(0.93 x 0.07 / 500) = 0.0114. The seeds share those images,
     so the SE is the mean's, not divided by the number of seeds."""
-    runs = [{"test_acc": a, "curve": [0.9, a], "best_epoch": 2, "test_images": 500, "wall_s": 1.0}
+    runs = [{"test_acc": a, "curve": [0.9, a], "test_images": 500, "wall_s": 1.0}
             for a in (0.928, 0.932)]
     results = {"zero_shot": {"test_acc": 0.846, "test_images": 500},
                "rows": {"zero_shot": {"runs": [], "test_acc_mean": 0.846,
@@ -168,7 +168,7 @@ def test_table_reports_the_test_sets_standard_error():
     assert results["rows"]["finetune"]["test_acc_se"] == pytest.approx(0.0114, abs=5e-5)
     table = format_table(results).splitlines()
     assert table[0].startswith("| row | test acc (last epoch), mean ± std | test-set SE | per seed |")
-    assert table[2] == "| zero-shot (source classifier) | 0.846 | 0.016 | - | - | - | - | (baseline) |"
+    assert table[2] == "| zero-shot (source classifier) | 0.846 | 0.016 | - | - | - | (baseline) |"
     assert table[3].startswith("| fine-tune, seed recipe | 0.930 ± 0.002 | 0.011 | 0.928, 0.932 | 0.900 ± 0.000 |")
     del results["rows"]["finetune"]["test_acc_se"]  # a results.json saved before the column
     assert "| 0.930 ± 0.002 | - | 0.928, 0.932 |" in format_table(results)

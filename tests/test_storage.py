@@ -63,7 +63,7 @@ def test_train_reads_s3_data_and_writes_s3_storage(s3_run):
     for name in ("metrics.json", "metrics.csv", "curves.png", "preview.png"):
         assert f"exp/s3run/{name}" in keys
     ckpts = [k for k in keys if k.endswith("/checkpoint.pt")]
-    assert len(ckpts) == 2 and out.best_checkpoint.startswith("s3://runs/exp/s3run/checkpoint_")
+    assert len(ckpts) == 2 and out.model_checkpoint.startswith("s3://runs/exp/s3run/checkpoint_")
 
 
 def test_runs_list_show_download(s3_run, tmp_path):

@@ -35,7 +35,7 @@ def test_trains_above_chance_and_counts_every_eval_image_once(two_worker_run, ti
     assert all(h["test_images"] == n_test for h in out.history)  # 24 split over 2 ranks, none twice
     # Ray's equal split gives every rank the same rows: 64 train images, 32 each.
     assert all(h["train_images"] == 64 for h in out.history)
-    assert out.best["test_acc"] >= 0.8, out.history
+    assert out.model["test_acc"] >= 0.8, out.history
 
 
 def test_artifacts_written(two_worker_run):
@@ -49,12 +49,12 @@ def test_artifacts_written(two_worker_run):
 
 def test_checkpoint_holds_config_and_reproduces_reported_accuracy(two_worker_run, tiny_dataset):
     cfg, out = two_worker_run
-    state = load_checkpoint(out.best_checkpoint)
+    state = load_checkpoint(out.model_checkpoint)
     assert state["config"] == cfg.to_dict() and state["classes"] == ["hotdog", "not-hotdog"]
     assert set(state) >= {"model", "optimizer", "scheduler", "ema", "epoch", "history", "mean", "std"}
     # The run evaluated its weight average (optim.ema_half_life), not the trained weights: so must the checkpoint.
     assert not torch.equal(state["ema"]["weights"]["fc.weight"], state["model"]["fc.weight"])
-    clf = Classifier(out.best_checkpoint)
+    clf = Classifier(out.model_checkpoint)
     assert torch.equal(clf.model.fc.weight, state["ema"]["weights"]["fc.weight"])
     assert clf.mirror  # evaluates as the run did: data.eval_flip
     index = data.scan_image_folder(tiny_dataset)
@@ -74,7 +74,7 @@ def test_checkpoint_state_round_trip(two_worker_run, tmp_path):
     from pipeline.model import WeightAverage, build_for_config, make_optimizer, make_scheduler
 
     _, out = two_worker_run
-    state = load_checkpoint(out.best_checkpoint)
+    state = load_checkpoint(out.model_checkpoint)
     cfg = Config.from_dict(state["config"])
     model = build_for_config(cfg, 2)
     model.load_state_dict(state["model"])
