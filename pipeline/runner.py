@@ -164,13 +164,15 @@ def load_split(cfg: Config, index: data.ImageFolderIndex, split: str, preset: Im
     return data.stream_split(index, split, preset, task_cpus=res.data_task_cpus, **kwargs)
 
 
-def prepare(cfg: Config, val_fraction: float = 0.0) -> Prepared:
+def prepare(cfg: Config, val_fraction: float = 0.0, index: data.ImageFolderIndex | None = None) -> Prepared:
     """Scan, load weights, decode every split once. val_fraction > 0 carves a stratified
-    validation split out of train (the split Tune selects on; test stays untouched)."""
+    validation split out of train (what a search, or a run with data.val_fraction, chooses on;
+    test is only reported)."""
     t0 = time.perf_counter()
     res = plan_resources(cfg, ray.cluster_resources())
     print(f"resources: {res}  workers={cfg.scaling.workers}", flush=True)
-    index = data.scan_image_folder(cfg.data.path)
+    if index is None:  # a caller that scanned already passes its index
+        index = data.scan_image_folder(cfg.data.path)
     if val_fraction:
         index = data.stratified_split(index, val_fraction, seed=cfg.optim.seed)
     source = load_source_weights(cfg.model, progress=sys.stderr.isatty())
@@ -385,8 +387,8 @@ def s3_uri(storage_root: str, path: str) -> str:
     return path
 
 
-def _train(cfg: Config, name: str, run_dir: str) -> ray.train.Result:
-    prep = prepare(cfg, val_fraction=cfg.data.val_fraction)
+def _train(cfg: Config, name: str, run_dir: str, index: data.ImageFolderIndex) -> ray.train.Result:
+    prep = prepare(cfg, val_fraction=cfg.data.val_fraction, index=index)
     if cfg.data.preview_images:
         storage.write_bytes(storage.join(run_dir, "preview.png"),
                             _preview(prep.splits["train"], prep.preset, prep.classes, cfg.data.preview_images))
@@ -407,7 +409,7 @@ def run_training(cfg: Config) -> TrainOutcome:
     with runstate.Lease(run_dir):
         if not resuming:
             storage.write_bytes(storage.join(run_dir, runstate.IDENTITY), json.dumps(ident, indent=1).encode())
-        result = _train(cfg, name, run_dir)
+        result = _train(cfg, name, run_dir, index)
     history = result.return_value or []
     model_ckpt = runs.chosen_checkpoint(result)
     model = runs.chosen_metrics(history)
