@@ -1,7 +1,7 @@
 """One typed config tree for a fine-tuning run.
 
 Every field carries its documentation in ``metadata["help"]``; the CLI, the
-README's configuration reference and error messages all read it from there.
+configuration reference (docs/configuration.md) and error messages all read it from there.
 Values come from defaults, then a YAML file, then CLI flags (later wins).
 Unknown keys are rejected and every value is validated before any Ray work.
 """
@@ -592,7 +592,7 @@ def config_from_args(args) -> Config:
 
 
 def reference_markdown() -> str:
-    """The configuration reference table in the README (a test keeps the two identical)."""
+    """The configuration reference table of docs/configuration.md (a test keeps the two identical)."""
     rows = ["| field | flag | default | meaning |", "| --- | --- | --- | --- |"]
     for name, _, f in iter_fields(Config()):
         flag = f.metadata.get("flag", "")
