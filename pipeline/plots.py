@@ -53,37 +53,43 @@ def image_grid(images: list[np.ndarray], titles: list[str], cols: int = 4, scale
     return _png(fig)
 
 
-def trial_curves(trials: list[dict], metric: str = "val acc") -> bytes:
-    """Validation accuracy per epoch of every trial; trials ASHA stopped end in an x."""
+def trial_curves(trials: list[dict], metric: str = "val_acc", pick: str = "") -> bytes:
+    """metric ('val_acc' or 'val_loss') per epoch of every trial; trials ASHA stopped end in an x, and
+    the pick is drawn thick."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for t in trials:
-        curve = t["val_acc_curve"]
+        curve = t.get(f"{metric}_curve")
         if not curve:
             continue
         epochs = list(range(1, len(curve) + 1))
-        line, = ax.plot(epochs, curve, "-o", ms=3, alpha=0.8,
-                        label=f"lr {t['lr']:.1e}, freeze {t['freeze_depth']}")
+        picked = t["trial"] == pick
+        line, = ax.plot(epochs, curve, "-o", ms=3, alpha=1.0 if picked else 0.7, lw=3 if picked else 1,
+                        label=("pick: " if picked else "") + f"lr {t['lr']:.1e}, freeze {t['freeze_depth']}")
         if t["stopped_early"]:
             ax.plot(epochs[-1], curve[-1], "x", ms=10, mew=2, color=line.get_color())
     ax.set_xlabel("epoch")
-    ax.set_ylabel(metric)
-    ax.set_title("trials (x: stopped early by ASHA)")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title("trials (thick: the pick; x: stopped early by ASHA)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper right" if metric.endswith("loss") else "lower right")
     return _png(fig)
 
 
-def lr_depth_scatter(trials: list[dict]) -> bytes:
-    """Final validation accuracy over learning rate (log) x freeze depth."""
+def lr_depth_scatter(trials: list[dict], metric: str = "val_acc", pick: str = "") -> bytes:
+    """The last value of metric over learning rate (log) x freeze depth; the pick ringed in red."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    done = [t for t in trials if t["val_acc_curve"]]
-    sc = ax.scatter([t["lr"] for t in done], [t["freeze_depth"] for t in done],
-                    c=[t["val_acc_curve"][-1] for t in done], s=[60 + 30 * len(t["val_acc_curve"]) for t in done],
-                    cmap="viridis", vmin=0.5, vmax=1.0, edgecolors="k")
+    done = [t for t in trials if t.get(f"{metric}_curve")]
+    last = [t[f"{metric}_curve"][-1] for t in done]
+    sc = ax.scatter([t["lr"] for t in done], [t["freeze_depth"] for t in done], c=last,
+                    s=[60 + 30 * len(t[f"{metric}_curve"]) for t in done],
+                    cmap="viridis_r" if metric.endswith("loss") else "viridis", edgecolors="k")
+    for t in done:
+        if t["trial"] == pick:
+            ax.scatter([t["lr"]], [t["freeze_depth"]], s=400, facecolors="none", edgecolors="r", linewidths=2)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("freeze depth")
-    fig.colorbar(sc, label="final val acc (size: epochs run)")
+    fig.colorbar(sc, label=f"last {metric.replace('_', ' ')} (size: epochs run; red ring: the pick)")
     ax.grid(True, alpha=0.3)
     return _png(fig)
 

@@ -33,6 +33,31 @@ def _pick_details(best: dict) -> str:
     return "".join(f", {p}" for p in parts if p)
 
 
+CAPTIONS = {
+    "curves": "Each line is one trial, epoch by epoch. Look for the thick line (the pick) among the best at the "
+              "last epoch, and for trials that ASHA stopped (x) because they trailed.",
+    "scatter": "Each disc is one trial at its learning rate and freeze depth, coloured by its last score. Look for "
+               "where the good colours cluster: that is the region worth searching more finely.",
+}
+
+
+def _figures(trials: list, metric: str, pick: str) -> list[str]:
+    """The curves and the lr x depth map of the metric that picks, then the curves of the other one."""
+    name = {"val_loss": "validation loss", "val_acc": "validation accuracy"}
+    metric = metric if metric in name else "val_acc"  # best.json is storage content, not trusted to be ours
+    other = "val_acc" if metric == "val_loss" else "val_loss"
+    drawn = [m for m in (metric, other) if any(t.get(f"{m}_curve") for t in trials)]
+    if metric not in drawn:
+        return []
+    return [f"<h2>{name[metric].capitalize()} of every trial (what the search picks on)</h2>",
+            f"<p>{CAPTIONS['curves']}</p>", _img(plots.trial_curves(trials, metric, pick), "trial curves"),
+            f"<h2>Last {name[metric]} over learning rate and freeze depth</h2>",
+            f"<p>{CAPTIONS['scatter']}</p>", _img(plots.lr_depth_scatter(trials, metric, pick), "lr x freeze depth"),
+            *([f"<h2>{name[other].capitalize()} of every trial</h2>",
+               "<p>The same trials on the other score: a pick that also leads here is a pick both scores agree on.</p>",
+               _img(plots.trial_curves(trials, other, pick), "trial curves, other score")] if other in drawn else [])]
+
+
 def build_report(experiment: str) -> str:
     """Write <experiment>/report.html (plots inlined, no external files) and return its location."""
     summary = storage.read_json(storage.join(experiment, "best.json"))
@@ -60,15 +85,19 @@ def build_report(experiment: str) -> str:
         (f"<p>Final model, the best config retrained on train + validation "
          f"({_text(summary['final']['train_images'])} images): test acc "
          f"{_num(summary['final']['test_acc'], '.3f')}.</p>" if "final" in summary else ""),
-        "<h2>Validation accuracy of every trial</h2>", _img(plots.trial_curves(trials), "trial curves"),
-        "<h2>Final validation accuracy over learning rate and freeze depth</h2>",
-        _img(plots.lr_depth_scatter(trials), "lr x freeze depth"),
-        "<h2>Trials, best first</h2>", f"<pre>{html.escape(format_trials(trials))}</pre>",
+        *_figures(trials, summary["metric"], best["trial"]),
+        "<h2>Trials, best first</h2>",
+        "<p>Every trial's sampled settings and scores, in the order the search ranks them.</p>",
+        f"<pre>{html.escape(format_trials(trials))}</pre>",
     ]
     if tested:
         sections += ["<h2>Best trial on test: confusion matrix</h2>",
+                     "<p>Rows are the true classes, columns the predicted ones: the off-diagonal cells are the "
+                     "errors, and a lopsided pair shows which class the model gives away.</p>",
                      _img(plots.confusion(best["test_confusion"], classes, "test set"), "confusion matrix"),
                      "<h2>Misclassified test images (true -> predicted)</h2>",
+                     "<p>What the errors look like: small, cluttered or ambiguous photos point at the data, "
+                     "clear ones at the model.</p>",
                      _img(wrong, "misclassified") if wrong
                      else "<p>None: every test image was classified correctly.</p>"]
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>ray-finetune search report</title>"
