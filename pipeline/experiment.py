@@ -32,7 +32,6 @@ from pipeline.runner import (
     make_trainer,
     prepare,
     run_name,
-    s3_uri,
     with_eval_crop,
     with_light_cpu_claim,
     with_probe_head,
@@ -92,7 +91,7 @@ def _train_row(cfg: Config, prep: Prepared, name: str, exp_path: str, fs) -> dic
     return {"seed": cfg.optim.seed, "test_acc": curve[-1], "curve": curve,
             "test_images": history[-1]["test_images"], "wall_s": time.perf_counter() - t0, "lr": cfg.lr,
             "head_lr_mult": cfg.head_lr_mult, "freeze_depth": cfg.model.freeze_depth,
-            "checkpoint": s3_uri(cfg.run.storage, result.checkpoint.path) if result.checkpoint else None}
+            "checkpoint": storage.s3_uri(cfg.run.storage, result.checkpoint.path) if result.checkpoint else None}
 
 
 def run_experiment(cfg: Config) -> dict:

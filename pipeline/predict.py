@@ -7,7 +7,6 @@ in batches (decode + eval crop on the actor), so a prefix of any size runs in bo
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 
 from pipeline import data, storage
 from pipeline.inference import Classifier
+from pipeline.runner import init_ray
 from pipeline.runs import chosen_checkpoint
 from pipeline.train_loop import CHECKPOINT_FILE
 from pipeline.transforms import IMAGE_EXTENSIONS
@@ -36,12 +36,6 @@ def resolve_checkpoint(uri: str) -> ray.train.Checkpoint:
     if ckpt is None:
         raise FileNotFoundError(f"{uri}: a run folder without checkpoints")
     return ckpt
-
-
-def _init_ray() -> None:
-    if not ray.is_initialized():  # RAY_ADDRESS under `ray job submit`, else a local Ray
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, configure_logging=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def _actor_options(actors: int) -> dict:
@@ -97,7 +91,7 @@ def predict(checkpoint_uri: str, images: str, output: str, fmt: str = "", batch_
     fmt = fmt or ("parquet" if output.rstrip("/").endswith(".parquet") else "csv")
     if fmt not in ("csv", "parquet"):
         raise ValueError(f"--format {fmt!r}: valid: csv, parquet")
-    _init_ray()
+    init_ray()
     ckpt = resolve_checkpoint(checkpoint_uri)
     fs, path = storage.resolve(images)
     ds = ray.data.read_binary_files(path, filesystem=fs, include_paths=True,
@@ -124,7 +118,7 @@ def evaluate(checkpoint_uri: str, dataset: str, split: str = "test", output: str
              actors: int = 0) -> dict:
     """Accuracy, per-class accuracy and the confusion matrix of a checkpoint on <dataset>/<split>/<class>/*."""
     t0 = time.perf_counter()
-    _init_ray()
+    init_ray()
     ckpt = resolve_checkpoint(checkpoint_uri)
     with ckpt.as_directory() as d:
         clf = Classifier(d)

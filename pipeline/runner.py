@@ -62,11 +62,12 @@ def plan_resources(cfg: Config, cluster: dict) -> Resources:
     return Resources(use_gpu, per_worker, threads, data_task_cpus)
 
 
-def init_ray(cfg: Config) -> None:
+def init_ray(address: str = "") -> None:
+    """Join the cluster at address, or the one of a `ray job submit` (RAY_ADDRESS), or start a local
+    Ray; every command that needs Ray starts it here."""
     if ray.is_initialized():
         return
-    # Empty address: join the cluster of a `ray job submit` (RAY_ADDRESS) or start a local one.
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         # A local in-process Ray is never drained or preempted: Ray Train's preemption watcher
         # would be one more actor process to start (seconds of CPU) before the first step.
@@ -96,7 +97,7 @@ def begin(cfg: Config) -> None:
     # Object storage problems surface here in seconds, before Ray or any data work.
     storage.preflight(cfg.run.storage, write=True)
     storage.preflight(cfg.data.path, write=False)
-    init_ray(cfg)
+    init_ray(cfg.run.ray_address)
     check_local_paths(cfg.data.path, cfg.run.storage)
     cluster = ray.cluster_resources()
     if cfg.scaling.workers == 0:
@@ -380,13 +381,6 @@ def worker_count(cfg: Config) -> int | tuple[int, int]:
     return (s.min_workers, s.workers) if 0 < s.min_workers < s.workers else s.workers
 
 
-def s3_uri(storage_root: str, path: str) -> str:
-    """Ray reports paths inside the filesystem; give s3:// back to users of s3 storage."""
-    if storage_root.startswith("s3://") and path and not path.startswith("s3://"):
-        return "s3://" + path
-    return path
-
-
 def _train(cfg: Config, name: str, run_dir: str, index: data.ImageFolderIndex) -> ray.train.Result:
     prep = prepare(cfg, val_fraction=cfg.data.val_fraction, index=index)
     if cfg.data.preview_images:
@@ -415,7 +409,7 @@ def run_training(cfg: Config) -> TrainOutcome:
     model = runs.chosen_metrics(history)
     _write_artifacts(run_dir, history, f"{cfg.model.arch} on {os.path.basename(cfg.data.path.rstrip('/'))}")
     wall = time.perf_counter() - t_start
-    model_path = s3_uri(cfg.run.storage, model_ckpt.path if model_ckpt else "")
+    model_path = storage.s3_uri(cfg.run.storage, model_ckpt.path if model_ckpt else "")
     why = (f"lowest val loss {model['val_loss']:.3f} (val acc {model['val_acc']:.3f})" if "val_loss" in model
            else "the last epoch")
     print(f"model: epoch {model['epoch']}, {why}\n"

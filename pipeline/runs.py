@@ -102,12 +102,9 @@ def show_run(run: str) -> str:
     lines.append("checkpoints kept (* the run's model: " + ("lowest val loss)" if val else "the last epoch)"))
     for ckpt, metrics in sorted(result.best_checkpoints, key=lambda cm: -cm[1]["epoch"]):
         mark = "*" if model is not None and ckpt.path == model.path else " "
-        lines.append(f" {mark} epoch {metrics['epoch']}: test acc {metrics['test_acc']:.3f}  {_uri(run, ckpt.path)}")
+        where = storage.s3_uri(run, ckpt.path)
+        lines.append(f" {mark} epoch {metrics['epoch']}: test acc {metrics['test_acc']:.3f}  {where}")
     return "\n".join(lines)
-
-
-def _uri(run: str, path: str) -> str:
-    return "s3://" + path if run.startswith("s3://") and not path.startswith("s3://") else path
 
 
 def _checkpoint_folder(run: str, ckpt_path: str) -> str:

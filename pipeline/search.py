@@ -35,7 +35,6 @@ from pipeline.runner import (
     make_trainer,
     prepare,
     run_name,
-    s3_uri,
     with_eval_crop,
     with_light_cpu_claim,
 )
@@ -338,12 +337,12 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
                  "wise_alpha_margin": best_metrics.get("wise_alpha_margin", 0.0),
                  "val_acc": best_metrics["val_acc"], "val_loss": best_metrics.get("val_loss"),
                  "epoch": best_metrics["epoch"], "test_acc": test["accuracy"], "test_images": test["images"],
-                 "test_confusion": test["confusion"], "checkpoint": s3_uri(cfg.run.storage, best_ckpt.path)},
+                 "test_confusion": test["confusion"], "checkpoint": storage.s3_uri(cfg.run.storage, best_ckpt.path)},
         "trials": trials, "wall_time_s": time.perf_counter() - t_start,
     }
     if cfg.tune.retrain:
         summary["final"] = retrain_on_train_val(best_cfg, prep, exp_path, fs)
-        summary["final"]["checkpoint"] = s3_uri(cfg.run.storage, summary["final"]["checkpoint"])
+        summary["final"]["checkpoint"] = storage.s3_uri(cfg.run.storage, summary["final"]["checkpoint"])
         summary["wall_time_s"] = time.perf_counter() - t_start
     storage.write_bytes(storage.join(exp_dir, "best.json"), json.dumps(redact_tree(summary), indent=1).encode())
     if test["misclassified"]:

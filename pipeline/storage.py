@@ -240,3 +240,10 @@ def cached_download(uri: str, sha256: str = "", cache_dir: str | None = None) ->
             raise StorageError(f"{uri}: sha256 {got} does not match the expected {sha256}; not cached")
         os.replace(tmp, local)  # atomic: concurrent fetchers on one node never see a partial file
     return local
+
+
+def s3_uri(storage_root: str, path: str) -> str:
+    """Ray reports paths inside the filesystem; give s3:// back to users of s3 storage."""
+    if storage_root.startswith("s3://") and path and not path.startswith("s3://"):
+        return "s3://" + path
+    return path
