@@ -18,11 +18,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import re
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -30,6 +27,7 @@ import numpy as np
 import torch
 import torchvision
 
+from pipeline.procmem import run_command
 from pipeline.synthetic import make_image
 
 PY = sys.executable
@@ -77,76 +75,6 @@ def _write_chunk(root, split, label, start, stop, size):
     os.makedirs(d, exist_ok=True)
     for i in range(start, stop):
         make_image(label, size, rng).save(os.path.join(d, f"{i:06d}.jpg"), "JPEG", quality=90)
-
-
-def _tree(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for p in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{p}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(p))
-        except (OSError, IndexError, ValueError):
-            pass
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
-def _kb(path: str, key: str) -> int:
-    try:
-        with open(path) as fh:
-            for line in fh:
-                if line.startswith(key):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-class MemorySampler(threading.Thread):
-    """Peak over time of the process tree's summed PSS (shared pages counted once) and of the
-    largest shared-memory mapping (Ray's object store lives in shared memory)."""
-
-    def __init__(self, pid: int, every: float = 0.5):
-        super().__init__(daemon=True)
-        self.pid, self.every, self.stop_flag = pid, every, threading.Event()
-        self.peak_pss_mb = self.peak_shm_mb = 0.0
-
-    def run(self):
-        while not self.stop_flag.is_set():
-            pids = _tree(self.pid)
-            pss = sum(_kb(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids) / 1024
-            shm = max((_kb(f"/proc/{p}/status", "RssShmem:") for p in pids), default=0) / 1024
-            self.peak_pss_mb, self.peak_shm_mb = max(self.peak_pss_mb, pss), max(self.peak_shm_mb, shm)
-            self.stop_flag.wait(self.every)
-
-
-def run_command(cmd: list[str], marker: str = r"epoch 1/", sample_every: float = THROUGHPUT_SAMPLE_S) -> dict:
-    """Run a command, timing it from its start; the time the marker line first appears; peak memory.
-
-    sample_every: one PSS sample of a Ray process tree costs ~85 ms of CPU here (the kernel walks
-    every mapped page, object store included): every 0.5 s that is ~8 % of a 2-core box, so only
-    the runs that measure memory sample often."""
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sampler = MemorySampler(proc.pid, every=sample_every)
-    sampler.start()
-    marker_s, lines = None, []
-    for line in proc.stdout:
-        lines.append(line)
-        if marker_s is None and re.search(marker, line):
-            marker_s = time.time() - t0
-    rc = proc.wait()
-    sampler.stop_flag.set()
-    sampler.join()
-    if rc:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({rc}):\n{''.join(lines[-40:])}")
-    return {"t0": t0, "wall_s": time.time() - t0, "marker_s": marker_s, "output": "".join(lines),
-            "peak_pss_mb": sampler.peak_pss_mb, "peak_shm_mb": sampler.peak_shm_mb}
 
 
 # ---------------------------------------------------------------- measurements

@@ -100,7 +100,7 @@ def _runs(args) -> int:
     from pipeline import runs
 
     if args.runs_command == "list":
-        # The run's model: the lowest val loss with a validation split, else the last epoch (runs.chosen_metrics).
+        # The run's model: the lowest val loss with a validation split, else the last epoch (selection.chosen_metrics).
         print(f"{'run':<32} {'epochs':>6} {'model epoch':>11} {'val loss':>8} {'test acc':>8}  state")
         for r in runs.list_runs(args.storage):
             cells = [("-" if r[k] is None else f"{r[k]:{f}}") for k, f in (("epochs", ""), ("model_epoch", ""),
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("evaluate", "accuracy and confusion matrix of a checkpoint on a labelled split"),
                            ("predict", "batch inference (Ray Data) over a folder or s3:// prefix of images")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its best checkpoint); local or s3://")
+        p.add_argument("checkpoint", help="checkpoint folder, or a run folder (the run's model); local or s3://")
         if name == "evaluate":
             p.add_argument("--data", required=True, help="ImageFolder root (local or s3://) holding SPLIT/<class>/*")
             p.add_argument("--split", default="test", help="split folder to evaluate (default: test)")
@@ -143,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--actors", type=int, default=0, help="model replicas (default: one per GPU, else 1)")
         p.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default: AWS_ENDPOINT_URL[_S3])")
         p.set_defaults(func=_evaluate if name == "evaluate" else _predict)
+    _add_report_commands(sub)
+    _add_data_commands(sub)
+    _add_runs_commands(sub)
+    return parser
+
+
+def _add_report_commands(sub) -> None:
     sub.add_parser("bench", add_help=False, help="measure the pipeline against a bare loop and the seed's "
                    "DataLoader in one run (`finetune bench --help`)")
     report = sub.add_parser("report", help="HTML review of a Tune search (plots, trial table, confusion, errors)")
@@ -150,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default: AWS_ENDPOINT_URL[_S3])")
     report.set_defaults(func=_report)
 
+
+def _add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write a small generated ImageFolder dataset (offline demos, tests)")
     synth.add_argument("dest")
@@ -173,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default: AWS_ENDPOINT_URL[_S3])")
     stage.set_defaults(func=_data_stage)
 
+
+def _add_runs_commands(sub) -> None:
     runs = sub.add_parser("runs", help="runs in a storage location").add_subparsers(dest="runs_command",
                                                                                     required=True)
     for name, helptext in (("list", "runs under STORAGE"), ("show", "per-epoch metrics and checkpoints of RUN"),
@@ -185,7 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the run's model: lowest val loss with data.val_fraction, else the last epoch")
         p.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default: AWS_ENDPOINT_URL[_S3])")
         p.set_defaults(func=_runs)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

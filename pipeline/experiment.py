@@ -36,7 +36,7 @@ from pipeline.runner import (
     with_light_cpu_claim,
     with_probe_head,
 )
-from pipeline.train_loop import accuracy_standard_error
+from pipeline.selection import accuracy_standard_error
 from pipeline.zeroshot import zero_shot_accuracy
 
 ROW_TITLES = {

@@ -19,13 +19,13 @@ import torch
 from pipeline import data, storage
 from pipeline.inference import Classifier
 from pipeline.runner import init_ray
-from pipeline.runs import chosen_checkpoint
+from pipeline.selection import chosen_checkpoint
 from pipeline.train_loop import CHECKPOINT_FILE
 from pipeline.transforms import IMAGE_EXTENSIONS
 
 
 def resolve_checkpoint(uri: str) -> ray.train.Checkpoint:
-    """A checkpoint folder (holding checkpoint.pt), or a run folder: the run's model (runs.chosen_checkpoint)."""
+    """A checkpoint folder (holding checkpoint.pt), or a run folder: the run's model (selection.chosen_checkpoint)."""
     fs, path = storage.resolve(uri)
     if fs.get_file_info(f"{path}/{CHECKPOINT_FILE}").type == pafs.FileType.File:
         return ray.train.Checkpoint(path, filesystem=fs)

@@ -7,7 +7,6 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import os
 import re
 import sys
@@ -21,45 +20,13 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from pipeline import data, plots, runs, runstate, storage
+from pipeline import data, plots, runstate, selection, storage
 from pipeline.cluster import check_local_paths
 from pipeline.config import Config, describe
 from pipeline.model import load_source_weights, match_classes
+from pipeline.resources import Resources, auto_workers, plan_resources, worker_count, worker_malloc_env
 from pipeline.train_loop import train_loop_per_worker
 from pipeline.transforms import ImagePreset
-
-
-@dataclass
-class Resources:
-    """How the run maps onto the cluster, decided once and printed."""
-
-    use_gpu: bool
-    cpus_per_worker: float
-    torch_threads: int
-    data_task_cpus: float
-
-    def __str__(self) -> str:
-        return (f"use_gpu={self.use_gpu} cpus_per_worker={self.cpus_per_worker:g} "
-                f"torch_threads={self.torch_threads} data_task_cpus={self.data_task_cpus:g}")
-
-
-def plan_resources(cfg: Config, cluster: dict) -> Resources:
-    """GPUs when present (unless told otherwise); on CPU clusters share the CPUs left after Ray Data."""
-    s = cfg.scaling
-    gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 1)
-    use_gpu = gpus > 0 if s.use_gpu == "auto" else s.use_gpu == "true"
-    if s.cpus_per_worker is not None:
-        per_worker = s.cpus_per_worker
-    elif use_gpu:
-        per_worker = 1.0
-    else:
-        # Leave data_cpus for the augmentation stage, or training workers would
-        # hold every CPU and the data pipeline could never be scheduled.
-        per_worker = max(0.25, math.floor((cpus - s.data_cpus) / s.workers * 4) / 4)
-    threads = max(1, round(per_worker)) if not use_gpu else max(1, int(per_worker))
-    # Two augmentation tasks can run in the CPUs kept for data, so one never waits on the other.
-    data_task_cpus = 1.0 if use_gpu else min(1.0, max(0.05, s.data_cpus / 2))
-    return Resources(use_gpu, per_worker, threads, data_task_cpus)
 
 
 def init_ray(address: str = "") -> None:
@@ -76,18 +43,6 @@ def init_ray(address: str = "") -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.print_on_execution_start = False
-
-
-def auto_workers(cfg: Config, cluster: dict) -> int:
-    """scaling.workers = 0: one worker per GPU share the cluster has now, else 1 (a CPU box trains
-    fastest as one process using every core); reduced until it divides the global batch."""
-    s = cfg.scaling
-    gpus = cluster.get("GPU", 0)
-    use_gpu = gpus > 0 if s.use_gpu == "auto" else s.use_gpu == "true"
-    n = max(1, int(gpus // s.gpus_per_worker)) if use_gpu and gpus else 1
-    while cfg.data.batch_size % n:
-        n -= 1
-    return n
 
 
 def begin(cfg: Config) -> None:
@@ -114,7 +69,7 @@ def run_name(cfg: Config) -> str:
 class TrainOutcome:
     run_dir: str
     history: list[dict]
-    model: dict  # the metrics of the run's model (runs.chosen_metrics)
+    model: dict  # the metrics of the run's model (selection.chosen_metrics)
     model_checkpoint: str
     wall_s: float
 
@@ -257,21 +212,18 @@ def with_light_cpu_claim(prep: Prepared, cfg: Config) -> Prepared:
     return dataclasses.replace(prep, res=dataclasses.replace(prep.res, cpus_per_worker=0.25))
 
 
-# glibc hands every block above 32 MB back to the kernel when freed (mmap/munmap, whatever
-# mmap_threshold says), and Ray Train runs the loop in a thread whose malloc arena is a chain of
-# 64 MB heaps, trimmed with madvise: either way each step's activations are page-faulted and
-# zero-filled anew, and a third of a CPU worker's time went to the kernel. One arena (the main,
-# brk heap), no mmap and no trimming keep them. (glibc's MALLOC_*_ variables: a GLIBC_TUNABLES
-# value set the same way reached the worker with only its first tunable.)
-# Opt-in (scaling.heap_reuse): a block that is the only one of its size is never reused, so the heap
-# can grow by it every step.
-HEAP_REUSE_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)}
-
-
-def worker_malloc_env(heap_reuse: bool) -> dict:
-    """The training workers' glibc malloc settings: read when a process starts, so they go in
-    the workers' runtime env. Nothing when heap_reuse is off (glibc's defaults)."""
-    return dict(HEAP_REUSE_ENV) if heap_reuse else {}
+def _worker_meta(cfg: Config, prep: Prepared, in_search: bool, eval_splits: tuple[str, ...]) -> dict:
+    """What every training worker needs beside the config: classes, normalization, the head's
+    starting rows, and the image counts it checks its epochs against."""
+    return {"classes": prep.classes, "mean": list(prep.source.mean), "std": list(prep.source.std),
+            "arch": cfg.model.arch, "skipped_images": prep.skipped, "in_search": in_search,
+            **({"reuse_rows": prep.reuse_rows, "rest_bias": prep.rest_bias}
+               if cfg.model.reuse_classifier and prep.source_ref is not None else {}),
+            **({"probe_head": prep.probe_head} if cfg.model.probe_init else {}),
+            "train_images": prep.splits["train"].num_images, "max_bad_fraction": cfg.data.max_bad_fraction,
+            # Streamed splits find their undecodable files as they go: the loop counts them per epoch.
+            "streamed_files": {s: prep.splits[s].num_images for s in ("train", *eval_splits)
+                               if prep.splits[s].streaming}}
 
 
 def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, fs, in_search: bool = False,
@@ -288,20 +240,13 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
                                   auto_augment=cfg.data.auto_augment)
     eval_splits = ("val",) if in_search else tuple(s for s in ("val", "test") if s in prep.splits)
     datasets = {"train": data.train_stream(train, augment, prep.res.data_task_cpus, seed=cfg.optim.seed)}
-    meta = {"classes": prep.classes, "mean": list(prep.source.mean), "std": list(prep.source.std),
-            "arch": cfg.model.arch, "skipped_images": prep.skipped, "in_search": in_search,
-            **({"reuse_rows": prep.reuse_rows, "rest_bias": prep.rest_bias}
-               if cfg.model.reuse_classifier and prep.source_ref is not None else {}),
-            **({"probe_head": prep.probe_head} if cfg.model.probe_init else {}),
-            "train_images": train.num_images, "max_bad_fraction": cfg.data.max_bad_fraction,
-            # Streamed splits find their undecodable files as they go: the loop counts them per epoch.
-            "streamed_files": {s: prep.splits[s].num_images for s in ("train", *eval_splits)
-                               if prep.splits[s].streaming}}
+    meta = _worker_meta(cfg, prep, in_search, eval_splits)
     res = prep.res
     # Checkpoints kept beside the latest: with a validation split, the best on it (a search trial's by
     # what the search scores, so that a search judging best epochs finds its pick; a run's by
-    # val_loss, as runs.chosen_metrics picks); without, the latest ones. Never by test.
-    score, order = (cfg.tune.objective() if in_search else runs.SELECT_ON) if "val" in eval_splits else (None, "max")
+    # val_loss, as selection.chosen_metrics picks); without, the latest ones. Never by test.
+    score, order = ((cfg.tune.objective() if in_search else selection.SELECT_ON) if "val" in eval_splits
+                    else (None, "max"))
     # Ray Train's default is the driver's options; copied here rather than through
     # DataConfig.default_ingest_options, which passes the deprecated exclude_resources along.
     ingest = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
@@ -374,13 +319,6 @@ def storage_failure(error: BaseException) -> str:
     return ""
 
 
-def worker_count(cfg: Config) -> int | tuple[int, int]:
-    """Ray Train's num_workers: fixed, or (min, max) for an elastic group (scaling.min_workers) that
-    goes on with as few as min_workers when nodes are lost and grows back when they return."""
-    s = cfg.scaling
-    return (s.min_workers, s.workers) if 0 < s.min_workers < s.workers else s.workers
-
-
 def _train(cfg: Config, name: str, run_dir: str, index: data.ImageFolderIndex) -> ray.train.Result:
     prep = prepare(cfg, val_fraction=cfg.data.val_fraction, index=index)
     if cfg.data.preview_images:
@@ -405,8 +343,8 @@ def run_training(cfg: Config) -> TrainOutcome:
             storage.write_bytes(storage.join(run_dir, runstate.IDENTITY), json.dumps(ident, indent=1).encode())
         result = _train(cfg, name, run_dir, index)
     history = result.return_value or []
-    model_ckpt = runs.chosen_checkpoint(result)
-    model = runs.chosen_metrics(history)
+    model_ckpt = selection.chosen_checkpoint(result)
+    model = selection.chosen_metrics(history)
     _write_artifacts(run_dir, history, f"{cfg.model.arch} on {os.path.basename(cfg.data.path.rstrip('/'))}")
     wall = time.perf_counter() - t_start
     model_path = storage.s3_uri(cfg.run.storage, model_ckpt.path if model_ckpt else "")

@@ -9,6 +9,7 @@ import posixpath
 import pyarrow.fs as pafs
 
 from pipeline import storage
+from pipeline.selection import chosen_checkpoint, chosen_metrics
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # written by Ray Train next to the checkpoints
 
@@ -19,29 +20,6 @@ def _read_json(uri: str):
         return storage.read_json(uri)
     except (FileNotFoundError, OSError):
         return None
-
-
-# A run's model, when it has a validation split (data.val_fraction): its epoch with the lowest val_loss.
-SELECT_ON = ("val_loss", "min")
-
-
-def chosen_metrics(rows: list[dict]) -> dict:
-    """The run's model among its epochs' (or its kept checkpoints') metrics: with a validation split,
-    the lowest val_loss (the later epoch on a tie); without, the last epoch. Test never chooses: it is
-    the number reported for whichever model this picks."""
-    with_val = [r for r in rows if r.get("val_loss") is not None]
-    if with_val:
-        return min(with_val, key=lambda r: (r["val_loss"], -r["epoch"]))
-    return max(rows, key=lambda r: r["epoch"])
-
-
-def chosen_checkpoint(result):
-    """The checkpoint of the run's model (chosen_metrics over the kept ones), or None."""
-    pairs = result.best_checkpoints or []
-    if not pairs:
-        return result.checkpoint
-    pick = chosen_metrics([m for _, m in pairs])
-    return next(c for c, m in pairs if m is pick)
 
 
 def list_runs(store: str) -> list[dict]:

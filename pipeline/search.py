@@ -38,6 +38,7 @@ from pipeline.runner import (
     with_eval_crop,
     with_light_cpu_claim,
 )
+from pipeline.selection import pick_trial, rank_key
 
 
 def search_space(cfg: Config) -> dict:
@@ -113,31 +114,6 @@ def trial_summary(result: tune.Result, cfg: Config) -> dict:
             "val_acc_curve": accs, "val_loss_curve": losses, "stopped_early": 0 < len(accs) < cfg.optim.epochs,
             "worker_nodes": result.metrics.get("worker_nodes", []),
             "error": str(result.error) if result.error else ""}
-
-
-def rank_key(trial: dict, cfg: Config) -> tuple:
-    """Higher is better. Judged by its last epoch, a trial that ASHA stopped early is no rival to one
-    that ran every epoch: its last score is of a model trained for fewer epochs than the pick will be."""
-    ran_every_epoch = trial["epochs"] == cfg.optim.epochs or cfg.tune.select_epoch == "best"
-    score = trial[cfg.tune.objective()[0]]
-    return ran_every_epoch, -math.inf if score is None else cfg.tune.goodness(score)
-
-
-def pick_trial(trials: list[dict], cfg: Config) -> tuple[dict, float]:
-    """(the pick, margin) from trials ranked best first: of the trials that rank like the best
-    (ran every epoch, when judged by the last) and score within margin = tune.select_tolerance x the
-    best score's standard error of it, the one whose evaluated weights moved least from the start.
-    The best-ranked trial where it reported no standard error or distance, or the tolerance is 0."""
-    best = trials[0]
-    metric = cfg.tune.objective()[0]
-    error = best.get(f"{metric}_se")
-    if not cfg.tune.select_tolerance or error is None or best.get("weight_distance") is None:
-        return best, 0.0
-    margin = cfg.tune.select_tolerance * error
-    floor = cfg.tune.goodness(best[metric]) - margin
-    peers = [t for t in trials if rank_key(t, cfg)[0] == rank_key(best, cfg)[0] and t[metric] is not None
-             and cfg.tune.goodness(t[metric]) >= floor and t.get("weight_distance") is not None]
-    return min(peers, key=lambda t: t["weight_distance"]), margin  # min keeps the first-ranked among ties
 
 
 def evaluate_checkpoint(checkpoint, dataset: ray.data.Dataset, classes: list[str], keep_wrong: int = 16,

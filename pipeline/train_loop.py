@@ -19,6 +19,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
+from pipeline import data
 from pipeline.config import Config
 from pipeline.model import (
     SourceWeights,
@@ -33,6 +34,7 @@ from pipeline.model import (
 )
 from pipeline.normalize import Normalizer
 from pipeline.redact import redact_tree
+from pipeline.selection import accuracy_standard_error, chosen_wise_alpha, standard_error
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -292,47 +294,6 @@ class EpochRunner:
             self.average.load_state_dict(state["ema"])
 
 
-def standard_error(mean: float, mean_of_squares: float, n: float) -> float:
-    """The standard error of a mean of n per-image values, from their mean and mean square."""
-    return float(np.sqrt(max(mean_of_squares - mean * mean, 0.0) / max(n, 1)))
-
-
-def accuracy_standard_error(acc: float, images: float) -> float:
-    """The standard error of an accuracy measured on `images` images: sqrt(p(1 - p)/n), the
-    per-image score being 0 or 1 (so its mean square is its mean)."""
-    return standard_error(acc, acc, images)
-
-
-def chosen_wise_alpha(alphas: list, scores: list, errors: list, goodness, tolerance: float) -> tuple[int, float]:
-    """(index, margin): the smallest alpha, the one nearest the start weights, whose score is within
-    margin = tolerance x the best score's standard error of the best.
-    The one-standard-error rule: on a validation split of a hundred images, alphas that close are
-    not told apart, and the model nearer the pretrained one is the more regularized choice."""
-    best = int(np.argmax([goodness(s) for s in scores]))
-    margin = tolerance * errors[best]
-    close = [i for i, s in enumerate(scores) if goodness(s) >= goodness(scores[best]) - margin]
-    return min(close, key=lambda i: (alphas[i], i)), float(margin)
-
-
-def undecodable_this_epoch(meta: dict, metrics: dict, world: int) -> dict[str, int]:
-    """Per streamed split, the files that gave no image this epoch (none when the splits were
-    decoded once: those were counted and checked on the driver). Exact for the evaluation splits,
-    whose shards are exact; a lower bound for train, whose equal split may also drop up to
-    world - 1 good rows to balance the ranks."""
-    return {split: max(0, n - metrics[f"{split}_images"] - (world - 1 if split == "train" else 0))
-            for split, n in meta.get("streamed_files", {}).items()}
-
-
-def too_many_undecodable(bad: dict[str, int], meta: dict, epoch: int) -> str:
-    """The data error that stops a streamed run, or "": a split whose undecodable share this
-    epoch is over data.max_bad_fraction."""
-    limit = meta.get("max_bad_fraction", 1.0)
-    files = meta.get("streamed_files", {})
-    over = [f"{bad[s]} of {files[s]} {s} images could not be decoded in epoch {epoch} "
-            f"({bad[s] / files[s]:.1%} > data.max_bad_fraction {limit:.1%})" for s in bad if bad[s] / files[s] > limit]
-    return "; ".join(over) + "; `finetune data check` names them" if over else ""
-
-
 def worker_nodes() -> list[str]:
     """The Ray node ID of every rank, in rank order (one all-gather at the start of a worker group)."""
     node = ray.get_runtime_context().get_node_id()
@@ -396,7 +357,7 @@ def train_loop_per_worker(loop_config: dict) -> list:
         batches = runner.prefetch_epoch(train_shard, epoch + 1) if epoch < epochs else None
         for split, shard in eval_shards.items():  # 'val' chooses (if carved), 'test' is reported
             metrics.update(runner.evaluate(shard, split))
-        streamed_bad = undecodable_this_epoch(meta, metrics, ctx.get_world_size())
+        streamed_bad = data.undecodable_this_epoch(meta, metrics, ctx.get_world_size())
         metrics.update(epoch=epoch, examples_per_sec=metrics["train_images"] / train_s,
                        first_batch_unix=runner.first_batch_unix, first_step_unix=runner.first_step_unix,
                        epoch_time_s=time.perf_counter() - t0,
@@ -404,7 +365,7 @@ def train_loop_per_worker(loop_config: dict) -> list:
                        world_size=ctx.get_world_size(), per_worker_batch=runner.local_batch,
                        lr=runner.optimizer.param_groups[0]["lr"], worker_nodes=nodes, attempt=len(starts) - 1)
         history.append(metrics)
-        problem = too_many_undecodable(streamed_bad, meta, epoch)
+        problem = data.too_many_undecodable(streamed_bad, meta, epoch)
         if problem:
             # Every rank holds the same all-reduced counts, so all stop here together; the driver
             # raises it (a worker error would only be retried from the checkpoint, and fail again).

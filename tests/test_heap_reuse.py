@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from pipeline.config import Config
-from pipeline.runner import worker_malloc_env
+from pipeline.resources import worker_malloc_env
 
 # Like a Ray Train worker: the loop runs in a thread, and every step allocates and frees
 # activations far above glibc's 32 MB mmap ceiling. Prints the page faults of steps 6-8

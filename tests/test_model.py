@@ -202,7 +202,7 @@ def test_interpolate_weights_is_wise_ft():
 
 def test_wise_alpha_is_the_smallest_within_the_tolerance_of_the_best():
     """The one-standard-error rule, for a loss (lower is better) and an accuracy (higher is better)."""
-    from pipeline.train_loop import chosen_wise_alpha, standard_error
+    from pipeline.selection import chosen_wise_alpha, standard_error
 
     alphas = [1.0, 0.8, 0.6, 0.5]
     losses, errors = [0.157, 0.159, 0.175, 0.190], [0.030, 0.031, 0.033, 0.035]

@@ -14,7 +14,8 @@ from pipeline.cli import build_parser, main
 from pipeline.config import config_from_args
 from pipeline.predict import evaluate, resolve_checkpoint
 from pipeline.runner import run_training
-from pipeline.runs import chosen_metrics, list_runs, show_run
+from pipeline.runs import list_runs, show_run
+from pipeline.selection import chosen_metrics
 from pipeline.synthetic import make_image_folder
 from pipeline.train_loop import load_checkpoint
 

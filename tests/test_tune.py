@@ -293,7 +293,7 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
 
 def test_trials_rank_by_the_epoch_and_metric_the_search_judges():
     from pipeline.config import Config
-    from pipeline.search import rank_key
+    from pipeline.selection import rank_key
 
     cfg = Config()
     cfg.optim.epochs = 3
@@ -311,7 +311,7 @@ def test_trials_rank_by_the_epoch_and_metric_the_search_judges():
 
 def test_the_pick_is_the_trial_nearest_the_start_within_one_standard_error_of_the_best():
     from pipeline.config import Config
-    from pipeline.search import pick_trial, rank_key
+    from pipeline.selection import pick_trial, rank_key
 
     cfg = Config()
     cfg.optim.epochs = 10
