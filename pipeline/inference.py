@@ -22,7 +22,7 @@ class Classifier:
         self.epoch: int = state["epoch"]
         self.device = torch.device(device)
         self.model = build_model(state["arch"], len(self.classes))
-        self.wise_alpha = self.config["model"].get("wise_alpha", 1.0) if wise_alpha is None else wise_alpha
+        self.wise_alpha = self.config["model"]["wise_alpha"] if wise_alpha is None else wise_alpha
         weights = evaluated_weights(state)
         if self.wise_alpha != 1:
             if "start_weights" not in state:
@@ -35,7 +35,7 @@ class Classifier:
         self.preset = ImagePreset.from_data_config(data)
         self.normalize = Normalizer(state["mean"], state["std"], scaling["channels_last"]).to(self.device)
         self.bf16 = use_bf16(scaling["precision"], self.device)
-        self.mirror = bool(data.get("eval_flip", False))  # as the run evaluated (older checkpoints: no flip)
+        self.mirror = bool(data["eval_flip"])  # as the run evaluated
         if scaling["channels_last"]:
             self.model.to(memory_format=torch.channels_last)
 

@@ -89,10 +89,10 @@ def trial_summary(result: tune.Result, cfg: Config) -> dict:
         df = df.drop_duplicates("epoch", keep="last").sort_values("epoch")
     metric, _ = cfg.tune.objective()
     accs = df["val_acc"].tolist() if df is not None and "val_acc" in df else []
-    # Searches saved before trials reported a loss have none: they ranked by accuracy.
-    losses = df["val_loss"].tolist() if accs and "val_loss" in df else [None] * len(accs)
+    losses = df["val_loss"].tolist() if accs else []
     alphas = df["wise_alpha"].tolist() if accs and "wise_alpha" in df else [1.0] * len(accs)
-    # Searches saved before trials reported them have neither: the pick is then the best-ranked trial.
+    # Trials report a standard error and a distance only when they keep their start weights (WiSE-FT
+    # alphas offered, or tune.select_tolerance > 0); without them the pick is the best-ranked trial.
     errors = df[f"{metric}_se"].tolist() if accs and f"{metric}_se" in df else [None] * len(accs)
     distances = df["weight_distance"].tolist() if accs and "weight_distance" in df else [None] * len(accs)
     scores = accs if metric == "val_acc" else losses
@@ -350,7 +350,7 @@ def format_trials(trials: list[dict]) -> str:
              f"{'val acc':>7} {'loss':>6} {'alpha':>5} {'moved':>6}  status"]
     for t in trials:
         best = f"{t['best_val_acc']:.3f}" if t["best_val_acc"] is not None else "-"
-        # searches saved before a field was added lack it
+        # best.json is storage content (`finetune report` formats it): a field may be missing
         crop = f"{t['crop_min_scale']:g}" if "crop_min_scale" in t else "-"
         acc = t.get("val_acc", t["best_val_acc"])
         acc = f"{acc:.3f}" if acc is not None else "-"

@@ -85,11 +85,10 @@ class ImagePreset:
     @classmethod
     def from_data_config(cls, data: dict) -> ImagePreset:
         """The preset of a config's data section, as a dict: a Config's to_dict() or the one saved
-        in a checkpoint (whose older versions may lack the later fields)."""
-        return cls(data["image_size"], data["resize_size"], scale=(data.get("crop_min_scale", 0.08), 1.0),
-                   eval_crop=data.get("eval_crop_size", 0), auto_augment=data.get("auto_augment", "none"),
-                   max_pixels=data.get("max_image_pixels", MAX_IMAGE_PIXELS),
-                   max_aspect=data.get("max_aspect_ratio", MAX_ASPECT_RATIO))
+        in a checkpoint."""
+        return cls(data["image_size"], data["resize_size"], scale=(data["crop_min_scale"], 1.0),
+                   eval_crop=data["eval_crop_size"], auto_augment=data["auto_augment"],
+                   max_pixels=data["max_image_pixels"], max_aspect=data["max_aspect_ratio"])
 
     @property
     def eval_size(self) -> int:

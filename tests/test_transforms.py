@@ -128,7 +128,7 @@ def test_eval_crop_size_widens_the_center_crop():
     assert np.array_equal(PRESET.eval(img), img[4:60, 20:76])
 
 
-def test_preset_from_a_config_or_an_older_checkpoints_data_section():
+def test_preset_from_a_configs_data_section():
     from pipeline.config import Config
 
     cfg = Config()
@@ -137,8 +137,6 @@ def test_preset_from_a_config_or_an_older_checkpoints_data_section():
     assert preset == ImagePreset(224, 256, scale=(0.25, 1.0), eval_crop=256)
     cfg.data.auto_augment = "ta_wide"
     assert ImagePreset.from_data_config(cfg.to_dict()["data"]).auto_augment == "ta_wide"
-    # A checkpoint saved before crop_min_scale and eval_crop_size existed: the recipe's values.
-    assert ImagePreset.from_data_config({"image_size": 160, "resize_size": 192}) == ImagePreset(160, 192)
 
 
 def _torchvision_op(img: Image.Image, op: str, m: float) -> Image.Image:
