@@ -347,12 +347,6 @@ def train_loop_per_worker(loop_config: dict) -> list:
     for epoch in range(start_epoch, epochs + 1):
         t0 = time.perf_counter()
         metrics = runner.train_epoch(batches)
-        if cfg.run.crash_at_epoch == epoch and checkpoint is None and rank == ctx.get_world_size() - 1:
-            # Fault injection for tests: mid-epoch, first attempt only (never after a restore).
-            # The pause lets the controller record the previous epoch's report first, as it
-            # would have for any real crash that comes more than a moment after a report.
-            time.sleep(3)
-            os._exit(1)
         train_s = time.perf_counter() - t0
         batches = runner.prefetch_epoch(train_shard, epoch + 1) if epoch < epochs else None
         for split, shard in eval_shards.items():  # 'val' chooses (if carved), 'test' is reported

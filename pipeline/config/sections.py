@@ -266,7 +266,6 @@ class RunConfig:
     resume: str = setting("auto", "A run folder that already holds a run: 'auto' resumes it when its run.json shows "
                         "the same model and data fields, classes and dataset (else refuses), 'must' resumes "
                         "whatever is there, 'never' refuses to touch it.")
-    crash_at_epoch: int = setting(0, "TESTING ONLY: the last worker exits once at the start of this epoch (0 = never).")
     ray_address: str = setting("", "Ray cluster to join ('auto', ray://...). Empty: in-process local Ray, "
                              "or the cluster of a `ray job submit`.")
 
@@ -278,7 +277,6 @@ class RunConfig:
         check(bool(r.storage), "run.storage", r.storage, "required: a local folder or s3://bucket/prefix")
         check(r.resume in RESUME_MODES, "run.resume", r.resume, f"valid: {', '.join(RESUME_MODES)}")
         check(r.max_failures >= -1, "run.max_failures", r.max_failures, "must be >= 0, or -1 for unlimited")
-        check(r.crash_at_epoch >= 0, "run.crash_at_epoch", r.crash_at_epoch, "must be >= 0")
         check(not r.s3_endpoint or re.match(r"^https?://", r.s3_endpoint) is not None, "run.s3_endpoint",
               r.s3_endpoint, "must be an http:// or https:// URL")
         check(r.keep_checkpoints >= 1, "run.keep_checkpoints", r.keep_checkpoints, "must be >= 1")
