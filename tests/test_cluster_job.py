@@ -136,15 +136,6 @@ def test_bad_config_job_fails_with_the_config_error(ray_head, tiny_dataset):
     assert "config error: optim.epochs = 0: must be in 1..10000" in logs
 
 
-def test_tune_job_succeeds(ray_head, tiny_dataset, s3):
-    status, logs, _ = _submit(ray_head, "tune", "--config", "configs/smoke_cpu.yaml", "--data", tiny_dataset,
-                              "--storage", "s3://runs/jobs", "--name", "job-tune", "--num-samples", "2",
-                              "--tune.max_concurrent_trials", "1")
-    assert "succeeded" in status.lower(), logs[-3000:]
-    assert "best trial" in logs and "test acc of the picked checkpoint" in logs
-    assert "jobs/job-tune/best.json" in _keys("jobs/job-tune/")
-
-
 def test_evaluate_and_predict_on_the_trained_checkpoint(ray_local, tiny_dataset, s3, tmp_path, capsys):
     from pipeline.cli import main
 

@@ -199,20 +199,6 @@ def worker_node_ids(cluster: LocalCluster) -> set[str]:
 # ------------------------------------------------------------------------------------------------ tests
 
 
-def test_multinode_ddp_ranks_on_two_nodes_count_every_image_once(cluster, mn_data, mn_s3):
-    run = finetune(cluster, "train", *TWO_NODE_RUN, "--data", mn_data["s3"], "--storage", "s3://runs/mn",
-                   "--name", "ddp", "--epochs", "2")
-    history = json.loads(read_object(mn_s3, "runs", "mn/ddp/metrics.json"))
-    assert [h["epoch"] for h in history] == [1, 2]
-    for h in history:
-        nodes = h["worker_nodes"]
-        assert h["world_size"] == 2 and len(nodes) == 2 and nodes[0] != nodes[1], nodes
-        assert set(nodes) == worker_node_ids(cluster)  # the head has no CPU: no rank there
-        assert h["test_images"] == 40  # every test image counted once across the two nodes
-        assert h["train_images"] == 320
-    assert "cluster: 4 CPUs, 0 GPUs | workers=2" in run.stdout
-
-
 def lose_a_node_mid_epoch(cluster: LocalCluster, s3: LocalS3, prefix: str, proc, log: str,
                           replace_after_s: float) -> float:
     """Once the run's first checkpoint is in storage (epoch 1 done), let epoch 2 get going, kill a worker
@@ -348,13 +334,22 @@ def clean_search(cluster, mn_data, mn_s3):
     return logs, json.loads(read_object(mn_s3, "runs", "mn/job-search/best.json"))
 
 
-def test_multinode_ray_job_submit_trains_across_two_nodes_and_searches(cluster, mn_data, mn_s3, clean_search):
+def test_multinode_ray_job_submit_ddp_ranks_on_two_nodes_count_every_image_once_and_searches(
+        cluster, mn_data, mn_s3, clean_search):
+    """A training job's two DDP ranks run on the two worker nodes (none on the head, which has no
+    CPU), and every image is counted once across them; a search job picks its trial."""
     status, logs = submit(cluster, "train", *TWO_NODE_RUN, "--data", mn_data["s3"], "--storage", "s3://runs/mn",
-                          "--name", "job-train", "--epochs", "1")
+                          "--name", "job-train", "--epochs", "2")
     assert "succeeded" in status.lower(), logs[-4000:]
-    assert "cluster: 4 CPUs, 0 GPUs | workers=2" in logs and "epoch 1/1" in logs
+    assert "cluster: 4 CPUs, 0 GPUs | workers=2" in logs and "epoch 2/2" in logs
     history = json.loads(read_object(mn_s3, "runs", "mn/job-train/metrics.json"))
-    assert len(set(history[0]["worker_nodes"])) == 2
+    assert [h["epoch"] for h in history] == [1, 2]
+    for h in history:
+        nodes = h["worker_nodes"]
+        assert h["world_size"] == 2 and len(nodes) == 2 and nodes[0] != nodes[1], nodes
+        assert set(nodes) == worker_node_ids(cluster)  # the head has no CPU: no rank there
+        assert h["test_images"] == 40  # every test image counted once across the two nodes
+        assert h["train_images"] == 320
     search_logs, best = clean_search
     assert "best trial" in search_logs and len(best["trials"]) == 4
 

@@ -204,7 +204,7 @@ def test_killed_search_resumes_with_the_same_command(ray_local, s3, tiny_dataset
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     args = [sys.executable, "-m", "pipeline.cli", "tune", "--data", tiny_dataset, "--weights", source_weights,
-            "--epochs", "2", "--num-samples", "3", "--tune.lr_max", "3e-3", "--storage", "s3://runs/resumed",
+            "--epochs", "2", "--num-samples", "2", "--tune.lr_max", "3e-3", "--storage", "s3://runs/resumed",
             "--name", "killed", *SMALL]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True, env=env)
@@ -222,7 +222,7 @@ def test_killed_search_resumes_with_the_same_command(ray_local, s3, tiny_dataset
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming the search" in second.stdout
     summary = json.loads(storage.read_bytes("s3://runs/resumed/killed/best.json"))
-    assert len(summary["trials"]) == 3 and all(not t["error"] for t in summary["trials"])
+    assert len(summary["trials"]) == 2 and all(not t["error"] for t in summary["trials"])
     assert "resumed/killed/tuner.pkl" in s3_keys("resumed/killed/")
     hits, scanned = credential_hits(held_secrets(), folders=[ray_tmp])  # the bucket is scanned below
     assert scanned > 50 and not hits, hits
