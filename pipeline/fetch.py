@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
-
-from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -41,6 +40,28 @@ def sha1_of(path: str) -> str:
     return h.hexdigest()
 
 
+class _Progress:
+    """A one-line progress bar on a terminal; silent in logs and CI."""
+
+    def __init__(self, label: str, total: int | None, done: int):
+        self.label, self.total, self.done = label, total, done
+        self.enabled = sys.stderr.isatty()
+        self.last = 0.0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and now - self.last > 0.2:
+            self.last = now
+            pct = f"{100 * self.done / self.total:5.1f}%" if self.total else ""
+            sys.stderr.write(f"\r{self.label}: {self.done / 1e6:8.1f} MB {pct}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
 def download(url: str, path: str, timeout: float = 60) -> int:
     """Download url to path, resuming from path + '.part' with an HTTP Range request.
 
@@ -65,15 +86,14 @@ def download(url: str, path: str, timeout: float = 60) -> int:
             have = 0  # the server ignored Range: start over
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length else None
+        bar = _Progress(os.path.basename(path), total, have)
         moved = 0
-        # A live bar on a terminal; nothing in a job's logs or CI (disable=None: off when not a tty).
-        with open(part, "ab" if resumed else "wb") as out, tqdm(
-                total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(path),
-                disable=None, file=sys.stderr) as bar:
+        with open(part, "ab" if resumed else "wb") as out:
             for block in iter(lambda: resp.read(CHUNK), b""):
                 out.write(block)
                 moved += len(block)
                 bar.update(len(block))
+        bar.close()
     if total is not None and os.path.getsize(part) != total:
         raise FetchError(f"{url}: connection closed at {os.path.getsize(part)} of {total} bytes; "
                          "run again to resume")

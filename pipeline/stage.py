@@ -8,8 +8,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from tqdm import tqdm
-
 from pipeline import storage
 
 MANIFEST = "MANIFEST.json"
@@ -66,15 +64,17 @@ def stage(src: str, dest: str, threads: int = 16, log=print) -> StageResult:
                            Config=transfer)
         return entry, True
 
-    entries, uploaded = [], 0
-    # A live bar on a terminal; nothing in a job's logs or CI (disable=None: off when not a tty).
-    with ThreadPoolExecutor(threads) as pool, tqdm(total=len(files), unit="file", desc="staging", disable=None,
-                                                   file=sys.stderr) as bar:
+    entries, uploaded, done = [], 0, 0
+    tty = sys.stderr.isatty()
+    with ThreadPoolExecutor(threads) as pool:
         for entry, was_uploaded in pool.map(one, files):
             entries.append(entry)
             uploaded += was_uploaded
-            bar.set_postfix(uploaded=uploaded, refresh=False)
-            bar.update()
+            done += 1
+            if tty:
+                sys.stderr.write(f"\rstaging: {done}/{len(files)} files, {uploaded} uploaded")
+    if tty:
+        sys.stderr.write("\n")
     manifest_key = f"{prefix}/{MANIFEST}" if prefix else MANIFEST
     client.put_object(Bucket=bucket, Key=manifest_key, Body=json.dumps({"files": entries}, indent=1).encode())
     verify(dest, entries)

@@ -32,7 +32,8 @@ def existing_run(tmp_path):
     return run
 
 
-RAY_WORKER_LINE = re.compile(r"(\x1b\[\d+m)?\(\w+ pid=\d+(, ip=[\d.]+)?\)")
+# Ray's own processes, as Ray prefixes their forwarded lines: "(RayTrainWorker pid=1, ip=...)", "(pid=1)", "(raylet)".
+RAY_WORKER_LINE = re.compile(r"(\x1b\[[\d;]*m)*\((raylet|\w+ pid=\d+[^)]*|pid=\d+[^)]*)\)")
 
 
 def refused(capsys, argv: list[str], code: int) -> str:
