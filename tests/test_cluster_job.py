@@ -5,7 +5,6 @@ results in SeaweedFS; the head is stopped through the PIDs this test started, no
 import io
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -116,17 +115,6 @@ def _submit(head, job: str, *args: str) -> tuple[str, str, str]:
     logs = subprocess.run([RAY, "job", "logs", sid, "--address", head["address"]], env=head["env"],
                           capture_output=True, text=True).stdout
     return status, logs, submit.stdout + submit.stderr
-
-
-def test_train_job_succeeds_and_checkpoints_land_in_s3(ray_head, tiny_dataset, s3):
-    status, logs, _ = _submit(ray_head, "train", "--config", "configs/smoke_cpu.yaml", "--data", tiny_dataset,
-                              "--storage", "s3://runs/jobs", "--name", "job-train")
-    assert "succeeded" in status.lower(), logs[-3000:]
-    assert re.search(r"epoch 1/2 .* test acc", logs) and re.search(r"epoch 2/2 .* test acc", logs)
-    assert "cluster: 2 CPUs, 0 GPUs | workers=1" in logs
-    keys = _keys("jobs/job-train/")
-    assert any(k.endswith("checkpoint.pt") for k in keys) and any(k.endswith("metrics.json") for k in keys)
-    assert s3.identities["admin"].secret_key not in logs  # credentials came from the environment, not the command line
 
 
 def test_bad_config_job_fails_with_the_config_error(ray_head, tiny_dataset):

@@ -109,7 +109,7 @@ def _finetune(args, **kw):
 
 
 def test_killed_driver_resumes_where_it_stopped(s3, staged, source_weights):
-    epochs = 6  # enough that the kill lands mid-run however fast the tiny epochs go
+    epochs = 4  # enough that the kill lands mid-run however fast the tiny epochs go
     args = ["train", "--data", "s3://datasets/tiny", "--weights", source_weights, "--freeze-bn", "--epochs",
             str(epochs), "--storage", "s3://runs/resume", "--name", "r1", *SMALL]
     first = _finetune(args)
