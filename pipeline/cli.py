@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 
@@ -143,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--actors", type=int, default=0, help="model replicas (default: one per GPU, else 1)")
         p.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default: AWS_ENDPOINT_URL[_S3])")
         p.set_defaults(func=_evaluate if name == "evaluate" else _predict)
+    for command in (train, tune, experiment, *(sub.choices[n] for n in ("evaluate", "predict"))):
+        command.add_argument("--verbose", action="store_true",
+                             help="Ray's own logs on the console too (also: RAY_FINETUNE_LOG=debug)")
     _add_report_commands(sub)
     _add_data_commands(sub)
     _add_runs_commands(sub)
@@ -199,7 +201,7 @@ def _add_runs_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline import storage
+    from pipeline import console, storage
     from pipeline.data import DatasetError
     from pipeline.fetch import FetchError
     from pipeline.redact import redact
@@ -212,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
+    console.set_verbose(getattr(args, "verbose", False))
     try:
         if getattr(args, "s3_endpoint", ""):
             storage.configure_endpoint(args.s3_endpoint)
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print(redact(f"PROBLEM: {e}" if args.func is _data_check else f"error: {e}"), file=sys.stderr)
         return 1
     except (FetchError, storage.StorageError, WeightsError, RunStateError, FileNotFoundError) as e:
-        if os.environ.get("RAY_FINETUNE_LOG") == "debug":
+        if console.verbose():
             traceback.print_exc()
         print(redact(f"error: {e}"), file=sys.stderr)
         return 1

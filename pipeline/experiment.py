@@ -28,8 +28,7 @@ from pipeline.redact import redact_tree
 from pipeline.runner import (
     Prepared,
     begin,
-    fit,
-    make_trainer,
+    fit_in_view,
     prepare,
     run_name,
     with_eval_crop,
@@ -85,7 +84,7 @@ def _summarize(runs: list[dict]) -> dict:
 
 def _train_row(cfg: Config, prep: Prepared, name: str, exp_path: str, fs) -> dict:
     t0 = time.perf_counter()
-    result = fit(make_trainer(cfg, prep, name=name, storage_path=exp_path, fs=fs))
+    result = fit_in_view(cfg, prep, name=name, storage_path=exp_path, fs=fs)
     history = result.return_value
     curve = [h["test_acc"] for h in history]
     return {"seed": cfg.optim.seed, "test_acc": curve[-1], "curve": curve,
@@ -100,7 +99,7 @@ def run_experiment(cfg: Config) -> dict:
     exp_dir = storage.join(cfg.run.storage, name)
     rows = [r.strip() for r in cfg.experiment.rows.split(",")]
     seeds = list(range(cfg.experiment.seeds))
-    begin(cfg)
+    begin(cfg, ())
     print(f"experiment: {exp_dir}\nrows: {', '.join(rows)} | seeds {seeds}", flush=True)
     prep = with_light_cpu_claim(prepare(cfg), cfg)  # rows and the search's trials run back to back
     fs, path = storage.resolve(cfg.run.storage)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import time
 import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
+
+from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -40,28 +41,6 @@ def sha1_of(path: str) -> str:
     return h.hexdigest()
 
 
-class _Progress:
-    """A one-line progress bar on a terminal; silent in logs and CI."""
-
-    def __init__(self, label: str, total: int | None, done: int):
-        self.label, self.total, self.done = label, total, done
-        self.enabled = sys.stderr.isatty()
-        self.last = 0.0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and now - self.last > 0.2:
-            self.last = now
-            pct = f"{100 * self.done / self.total:5.1f}%" if self.total else ""
-            sys.stderr.write(f"\r{self.label}: {self.done / 1e6:8.1f} MB {pct}")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 def download(url: str, path: str, timeout: float = 60) -> int:
     """Download url to path, resuming from path + '.part' with an HTTP Range request.
 
@@ -86,14 +65,15 @@ def download(url: str, path: str, timeout: float = 60) -> int:
             have = 0  # the server ignored Range: start over
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length else None
-        bar = _Progress(os.path.basename(path), total, have)
         moved = 0
-        with open(part, "ab" if resumed else "wb") as out:
+        # A bar on a terminal; nothing in logs and CI.
+        with open(part, "ab" if resumed else "wb") as out, tqdm(
+                total=total, initial=have, desc=os.path.basename(path), unit="B", unit_scale=True,
+                disable=not sys.stderr.isatty()) as bar:
             for block in iter(lambda: resp.read(CHUNK), b""):
                 out.write(block)
                 moved += len(block)
                 bar.update(len(block))
-        bar.close()
     if total is not None and os.path.getsize(part) != total:
         raise FetchError(f"{url}: connection closed at {os.path.getsize(part)} of {total} bytes; "
                          "run again to resume")

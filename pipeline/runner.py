@@ -20,7 +20,7 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from pipeline import data, plots, runstate, selection, storage
+from pipeline import console, data, plots, runstate, selection, storage
 from pipeline.cluster import check_local_paths
 from pipeline.config import Config, describe
 from pipeline.model import load_source_weights, match_classes
@@ -39,16 +39,22 @@ def init_ray(address: str = "") -> None:
         # A local in-process Ray is never drained or preempted: Ray Train's preemption watcher
         # would be one more actor process to start (seconds of CPU) before the first step.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(address=address, log_to_driver=True, configure_logging=False)
+    with console.quiet_ray_start():
+        ray.init(address=address, log_to_driver=True, configure_logging=False, **console.ray_init_options())
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    # The driver draws the run's progress (console.ProgressView); Ray Data's bars would draw beside it.
+    ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
 
 
-def begin(cfg: Config) -> None:
-    """What every job does first: print the resolved config, check its storage, start Ray,
-    settle the cluster-dependent defaults."""
-    print(describe(cfg), flush=True)
+# What a plain run reads; its checkpoints hold the whole tree.
+RUN_SECTIONS = ("data", "model", "optim", "scaling", "run")
+
+
+def begin(cfg: Config, sections: tuple[str, ...] = RUN_SECTIONS) -> None:
+    """What every job does first: print the resolved config (the sections it reads), check its
+    storage, start Ray, settle the cluster-dependent defaults."""
+    print(describe(cfg, sections), flush=True)
     # Object storage problems surface here in seconds, before Ray or any data work.
     storage.preflight(cfg.run.storage, write=True)
     storage.preflight(cfg.data.path, write=False)
@@ -220,16 +226,19 @@ def _worker_meta(cfg: Config, prep: Prepared, in_search: bool, eval_splits: tupl
             **({"reuse_rows": prep.reuse_rows, "rest_bias": prep.rest_bias}
                if cfg.model.reuse_classifier and prep.source_ref is not None else {}),
             **({"probe_head": prep.probe_head} if cfg.model.probe_init else {}),
-            "train_images": prep.splits["train"].num_images, "max_bad_fraction": cfg.data.max_bad_fraction,
+            "train_images": prep.splits["train"].num_images,
+            "eval_images": {s: prep.splits[s].num_images for s in eval_splits},
+            "max_bad_fraction": cfg.data.max_bad_fraction,
             # Streamed splits find their undecodable files as they go: the loop counts them per epoch.
             "streamed_files": {s: prep.splits[s].num_images for s in ("train", *eval_splits)
                                if prep.splits[s].streaming}}
 
 
 def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, fs, in_search: bool = False,
-                 callbacks=None) -> TorchTrainer:
+                 callbacks=None, board=None) -> TorchTrainer:
     """A TorchTrainer for cfg over the prepared data. Every epoch it evaluates the validation split,
-    if prep has one, and (outside a search trial, which never reads test) the test split."""
+    if prep has one, and (outside a search trial, which never reads test) the test split. Rank 0
+    posts its progress and lines to board (a console.ProgressBoard), if given."""
     if lacks_probe_head(prep, cfg):
         raise ValueError("model.probe_init: the prepared data has no probe head fitted for this config "
                          "(see with_probe_head)")
@@ -257,7 +266,7 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
         train_loop_per_worker,
         # Exact per-rank eval shards for every size the worker group may have (one, unless elastic),
         # cut here: a split needs a CPU that a worker node's training workers may all hold.
-        train_loop_config={"config": cfg.to_dict(), "meta": meta, "torch_threads": res.torch_threads,
+        train_loop_config={"config": cfg.to_dict(), "meta": meta, "torch_threads": res.torch_threads, "board": board,
                            "source": prep.source_ref, "eval_shards": {
                                split: {n: data.split_for_ranks(prep.splits[split], n)
                                        for n in cfg.scaling.group_sizes()} for split in eval_splits}},
@@ -281,6 +290,13 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
                                                          checkpoint_score_attribute=score,
                                                          checkpoint_score_order=order)),
     )
+
+
+def fit_in_view(cfg: Config, prep: Prepared, **trainer_args) -> ray.train.Result:
+    """fit(make_trainer(...)) with the run's progress drawn by this process (console.ProgressView)."""
+    board = console.new_board()
+    with console.ProgressView(board):
+        return fit(make_trainer(cfg, prep, board=board, **trainer_args))
 
 
 def fit(trainer: TorchTrainer) -> ray.train.Result:
@@ -325,7 +341,7 @@ def _train(cfg: Config, name: str, run_dir: str, index: data.ImageFolderIndex) -
         storage.write_bytes(storage.join(run_dir, "preview.png"),
                             _preview(prep.splits["train"], prep.preset, prep.classes, cfg.data.preview_images))
     fs, storage_path = storage.resolve(cfg.run.storage)
-    return fit(make_trainer(cfg, prep, name=name, storage_path=storage_path, fs=fs))
+    return fit_in_view(cfg, prep, name=name, storage_path=storage_path, fs=fs)
 
 
 def run_training(cfg: Config) -> TrainOutcome:

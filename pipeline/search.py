@@ -29,9 +29,11 @@ from pipeline.config import Config
 from pipeline.model import STAGES
 from pipeline.redact import redact_tree
 from pipeline.runner import (
+    RUN_SECTIONS,
     Prepared,
     begin,
     fit,
+    fit_in_view,
     make_trainer,
     prepare,
     run_name,
@@ -39,6 +41,7 @@ from pipeline.runner import (
     with_light_cpu_claim,
 )
 from pipeline.selection import pick_trial, rank_key
+from pipeline.trial_table import TrialTable
 
 
 def search_space(cfg: Config) -> dict:
@@ -176,7 +179,7 @@ def retrain_on_train_val(cfg: Config, prep: Prepared, exp_path: str, fs) -> dict
     print(f"final model: the best config on train + val ({merged.num_images} images)", flush=True)
     # No validation split left: the final model is its last epoch.
     final = dataclasses.replace(prep, splits={"train": merged, "test": prep.splits["test"]})
-    result = fit(make_trainer(cfg, final, name="final", storage_path=exp_path, fs=fs))
+    result = fit_in_view(cfg, final, name="final", storage_path=exp_path, fs=fs)
     last = result.return_value[-1]
     return {"train_images": merged.num_images, "epochs": last["epoch"], "test_acc": last["test_acc"],
             "test_images": last["test_images"], "checkpoint": result.checkpoint.path}
@@ -238,7 +241,7 @@ def make_tuner(cfg: Config, prep: Prepared, name: str, n_parallel: int, fs, path
         # and storage, resumes from that trial's latest checkpoint.
         run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
-                                  callbacks=[TuneStateRecorder(fs, exp_path)]))
+                                  callbacks=[TuneStateRecorder(fs, exp_path), TrialTable(cfg.optim.epochs)]))
     runstate.record_tune_state(fs, exp_path)  # tuner.pkl is written by now
     return tuner
 
@@ -249,7 +252,7 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     metric, mode = cfg.tune.objective()
     name = cfg.run.name or run_name(cfg).replace(cfg.model.arch, f"tune-{cfg.model.arch}", 1)
     exp_dir = storage.join(cfg.run.storage, name)
-    begin(cfg)
+    begin(cfg, (*RUN_SECTIONS, "tune"))
     cluster = ray.cluster_resources()
     n_parallel = concurrency(cfg, cluster)
     # Each trial gets its share of the CPUs: planning with the concurrent workers of all trials.

@@ -8,6 +8,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
 from pipeline import storage
 
 MANIFEST = "MANIFEST.json"
@@ -64,17 +66,13 @@ def stage(src: str, dest: str, threads: int = 16, log=print) -> StageResult:
                            Config=transfer)
         return entry, True
 
-    entries, uploaded, done = [], 0, 0
-    tty = sys.stderr.isatty()
-    with ThreadPoolExecutor(threads) as pool:
+    entries, uploaded = [], 0
+    with ThreadPoolExecutor(threads) as pool, tqdm(total=len(files), desc="staging", unit="file",
+                                                   disable=not sys.stderr.isatty()) as bar:
         for entry, was_uploaded in pool.map(one, files):
             entries.append(entry)
             uploaded += was_uploaded
-            done += 1
-            if tty:
-                sys.stderr.write(f"\rstaging: {done}/{len(files)} files, {uploaded} uploaded")
-    if tty:
-        sys.stderr.write("\n")
+            bar.update()
     manifest_key = f"{prefix}/{MANIFEST}" if prefix else MANIFEST
     client.put_object(Bucket=bucket, Key=manifest_key, Body=json.dumps({"files": entries}, indent=1).encode())
     verify(dest, entries)

@@ -6,7 +6,6 @@ import contextlib
 import math
 import os
 import queue
-import sys
 import tempfile
 import threading
 import time
@@ -21,6 +20,7 @@ from torch import nn
 
 from pipeline import data
 from pipeline.config import Config
+from pipeline.console import Poster
 from pipeline.model import (
     SourceWeights,
     WeightAverage,
@@ -37,13 +37,6 @@ from pipeline.redact import redact_tree
 from pipeline.selection import accuracy_standard_error, chosen_wise_alpha, standard_error
 
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-def say(line: str) -> None:
-    """One line to the job's output. Not print(): Ray Train patches print on workers and
-    the patched print shows each line twice (console tee + logger) in the driver."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -171,10 +164,12 @@ class EpochRunner:
         seed = int(np.random.SeedSequence([self.cfg.optim.seed, epoch, rank]).generate_state(1)[0])
         return EpochPrefetcher(self._batches(shard, shuffle_seed=seed))
 
-    def train_epoch(self, batches) -> dict:
+    def train_epoch(self, batches, progress=lambda done, final=False: None) -> dict:
+        """One epoch over batches; progress(images done, all ranks) as it goes."""
         set_train_mode(self.model, self.cfg.model.freeze_bn, self.cfg.model.arch, self.cfg.model.freeze_depth)
         # Sums kept on the device: no host sync per batch, one all-reduce per epoch.
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        seen = 0
         for batch in batches:
             if not self.first_batch_unix:
                 self.first_batch_unix = time.time()
@@ -192,7 +187,10 @@ class EpochRunner:
                 self.first_step_unix = time.time()
             stats += torch.stack([loss_sum.double(), (logits.argmax(1) == y).sum().double(),
                                   torch.tensor(y.numel(), dtype=torch.float64, device=self.device)])
+            seen += y.numel()
+            progress(seen * self.world)
         loss_sum, correct, count = _all_reduce(stats).tolist()
+        progress(int(count), final=True)
         return {"train_loss": loss_sum / max(count, 1), "train_acc": correct / max(count, 1),
                 "train_images": int(count)}
 
@@ -229,7 +227,7 @@ class EpochRunner:
         return float(sum((final[n].double() - w.double()).square().sum() for n, w in self.start_weights.items()) ** 0.5)
 
     @torch.no_grad()
-    def evaluate(self, shard, split: str = "test") -> dict:
+    def evaluate(self, shard, split: str = "test", progress=lambda done, final=False: None) -> dict:
         """Accuracy and cross-entropy of the evaluated model (the weight average, if kept) at
         model.wise_alpha; or, offering alphas (search trials), those of the alpha chosen by
         chosen_wise_alpha (tune.select_metric, tune.select_tolerance), with the alpha, the
@@ -242,7 +240,7 @@ class EpochRunner:
         # of the (mirror-averaged) probabilities: the squares give the loss's standard error
         stats = torch.zeros(len(alphas), 4, dtype=torch.float64, device=self.device)
         with self.evaluated_model() as set_alpha:
-            current = None
+            current, seen = None, 0
             for batch in self._batches(shard) if shard is not None else ():
                 x, y = self.normalize(batch["image"]), batch["label"]
                 for i, alpha in enumerate(alphas):
@@ -254,7 +252,10 @@ class EpochRunner:
                     stats[i] += torch.stack([(probs.argmax(1) == y).sum().double(),
                                              torch.tensor(y.numel(), dtype=torch.float64, device=self.device),
                                              nll.sum(), nll.square().sum()])
+                seen += y.numel()
+                progress(seen * self.world)
         rows = _all_reduce(stats).tolist()
+        progress(int(rows[0][1]), final=True)
         accs = [correct / max(count, 1) for correct, count, _, _ in rows]
         losses = [loss / max(count, 1) for _, count, loss, _ in rows]
         n = max(rows[0][1], 1)
@@ -316,8 +317,10 @@ def train_loop_per_worker(loop_config: dict) -> list:
     torch.manual_seed(cfg.optim.seed)  # same head init on every rank (DDP also broadcasts it)
     source = loop_config.get("source")
     runner = EpochRunner(cfg, meta, ray.get(source) if source is not None else None)
+    poster = Poster(loop_config.get("board") if rank == 0 else None)
+    say = poster.say if rank == 0 else (lambda line: None)
 
-    if rank == 0 and runner.average is not None:
+    if runner.average is not None:
         say(f"weight average: half-life {cfg.optim.ema_half_life:g} epochs = "
             f"{cfg.optim.ema_half_life * runner.steps_per_epoch:g} steps, decay {runner.average.decay:.5f} per step")
     history: list = []
@@ -330,8 +333,7 @@ def train_loop_per_worker(loop_config: dict) -> list:
         runner.load_state_dict(state)
         torch.set_rng_state(state["rng"])
         history, start_epoch, starts = state["history"], state["epoch"] + 1, state.get("starts", [])
-        if rank == 0:
-            say(f"resuming from epoch {state['epoch']} checkpoint with {ctx.get_world_size()} worker(s)")
+        say(f"resuming from epoch {state['epoch']} checkpoint with {ctx.get_world_size()} worker(s)")
     starts = [*starts, {"epoch": start_epoch, "world_size": ctx.get_world_size(), "unix": time.time()}]
     nodes = worker_nodes()
 
@@ -346,11 +348,12 @@ def train_loop_per_worker(loop_config: dict) -> list:
     batches = runner.prefetch_epoch(train_shard, start_epoch) if start_epoch <= epochs else None
     for epoch in range(start_epoch, epochs + 1):
         t0 = time.perf_counter()
-        metrics = runner.train_epoch(batches)
+        metrics = runner.train_epoch(batches, poster.tracker("train", epoch, epochs, meta["train_images"]))
         train_s = time.perf_counter() - t0
         batches = runner.prefetch_epoch(train_shard, epoch + 1) if epoch < epochs else None
         for split, shard in eval_shards.items():  # 'val' chooses (if carved), 'test' is reported
-            metrics.update(runner.evaluate(shard, split))
+            metrics.update(runner.evaluate(shard, split, poster.tracker(split, epoch, epochs,
+                                                                        meta["eval_images"][split])))
         streamed_bad = data.undecodable_this_epoch(meta, metrics, ctx.get_world_size())
         metrics.update(epoch=epoch, examples_per_sec=metrics["train_images"] / train_s,
                        first_batch_unix=runner.first_batch_unix, first_step_unix=runner.first_step_unix,
@@ -380,4 +383,5 @@ def train_loop_per_worker(loop_config: dict) -> list:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
+    poster.flush()
     return history

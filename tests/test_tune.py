@@ -3,6 +3,7 @@ experiment command, whose tuned row is such a search."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -209,7 +210,7 @@ def test_killed_search_resumes_with_the_same_command(ray_local, s3, tiny_dataset
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True, env=env)
     for line in first.stdout:
-        if "epoch 2/2" in line:  # the first trial is done: kill the driver and its local Ray
+        if re.search(r" 2/2 ", line):  # the trial table: the first trial is done, kill the driver and its Ray
             time.sleep(2)
             os.killpg(first.pid, signal.SIGKILL)
             break

@@ -10,11 +10,13 @@ import yaml
 from pipeline.config.tree import Config, _leaf_type, apply_dict, iter_fields, load_yaml
 
 
-def describe(cfg: Config) -> str:
-    """The resolved config as YAML, plus the derived quantities, for the start-up banner."""
+def describe(cfg: Config, sections: tuple[str, ...] = ()) -> str:
+    """The resolved config as YAML (these sections, or all), plus the derived quantities, for the
+    start-up banner."""
     from pipeline.redact import redact_tree
 
-    text = yaml.safe_dump(redact_tree(cfg.to_dict()), sort_keys=False, default_flow_style=None)
+    tree = {k: v for k, v in redact_tree(cfg.to_dict()).items() if not sections or k in sections}
+    text = yaml.safe_dump(tree, sort_keys=False, default_flow_style=None)
     derived = {"lr": cfg.lr, "head_lr": cfg.lr * cfg.head_lr_mult,
                "per_worker_batch": cfg.data.batch_size // cfg.scaling.workers if cfg.scaling.workers else "at start"}
     return text + "derived: " + ", ".join(f"{k}={v:g}" if isinstance(v, float | int) else f"{k}={v}"

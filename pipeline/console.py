@@ -1,0 +1,194 @@
+"""What a user sees while a run goes: the project's own lines, with Ray's logs kept off the console
+unless asked for (`--verbose` or RAY_FINETUNE_LOG=debug), and the training progress drawn by the
+driver from what rank 0 posts to a ProgressBoard actor.
+
+Ray's logs are quieted through Ray's own logging settings (its LoggingConfig, Ray Data's
+RAY_DATA_LOG_LEVEL, a worker_process_setup_hook), not by filtering text: files in the session's
+logs folder keep what the console leaves out, and errors always reach the console."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+
+VERBOSE_ENV = "RAY_FINETUNE_LOG"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "").lower() == "debug"
+
+
+def set_verbose(on: bool) -> None:
+    """--verbose: set before Ray starts, so that every process of the run sees it."""
+    if on:
+        os.environ[VERBOSE_ENV] = "debug"
+
+
+def quiet_ray_worker() -> None:
+    """Every Ray worker process of a quiet run runs this first (runtime_env worker_process_setup_hook)."""
+    if verbose():
+        return
+    # The project turns Ray Data's progress bars off on purpose (the driver draws the run's progress),
+    # and Ray Data says so with a warning from every process that iterates a dataset.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def ray_init_options() -> dict:
+    """ray.init's logging options: quiet unless verbose. Ray Train's per-report line ("Reporting
+    training result") is logged under the root logger of its workers, which LoggingConfig sets;
+    Ray Data's loggers follow RAY_DATA_LOG_LEVEL, which every process of the job inherits."""
+    import ray
+
+    if verbose():
+        return {"logging_config": ray.LoggingConfig(log_level="INFO")}
+    env = {} if "RAY_DATA_LOG_LEVEL" in os.environ else {"RAY_DATA_LOG_LEVEL": "WARNING"}
+    os.environ.update(env)  # Ray Data reads it whenever it configures its loggers
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # this process configured them on import
+    quiet_ray_worker()
+    return {"logging_config": ray.LoggingConfig(log_level="WARNING"),
+            "runtime_env": {"env_vars": env, "worker_process_setup_hook": "pipeline.console.quiet_ray_worker"}}
+
+
+@contextlib.contextmanager
+def quiet_ray_start():
+    """Around ray.init: a local Ray has token authentication on and says so with a warning every
+    start, which asks nothing of the user. Errors still show."""
+    logger = logging.getLogger("ray")
+    level = logger.level
+    if not verbose():
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class ProgressBoard:
+    """Where rank 0 posts its progress and lines; the driver takes them twice a second. An actor
+    (new_board()), so that the workers of any node reach it."""
+
+    def __init__(self):
+        self.events: list = []
+
+    def post(self, event: dict) -> None:
+        self.events.append(event)
+
+    def take(self) -> list:
+        events, self.events = self.events, []
+        return events
+
+
+def new_board():
+    import ray
+
+    return ray.remote(num_cpus=0)(ProgressBoard).remote()
+
+
+class Poster:
+    """A worker's side of the board: at most one progress event per `every_s` seconds, and never a
+    wait (the posts are fire-and-forget; a board that is gone loses them, the run goes on)."""
+
+    def __init__(self, board, every_s: float = 1.0):
+        self.board, self.every_s = board, every_s
+        self._last = 0.0
+        self._sent = None
+
+    def flush(self, timeout_s: float = 10) -> None:
+        """Wait until the board holds every post: a worker's pending calls die with its process."""
+        if self._sent is not None:
+            import ray
+
+            try:
+                ray.get(self._sent, timeout=timeout_s)
+            except Exception:  # noqa: BLE001 - a board that is gone loses the lines, not the run
+                pass
+
+    def say(self, line: str) -> None:
+        self._post({"kind": "line", "text": line})
+
+    def tracker(self, phase: str, epoch: int, epochs: int, total: int):
+        """progress(done, final=False) for one phase of an epoch ('train', 'val', 'test'), its clock
+        started now."""
+        started = time.perf_counter()
+
+        def progress(done: int, final: bool = False) -> None:
+            now = time.monotonic()
+            if self.board is None or not (final or now - self._last >= self.every_s):
+                return
+            self._last = now
+            self._post({"kind": "progress", "phase": phase, "epoch": epoch, "epochs": epochs, "done": done,
+                        "total": total, "elapsed": time.perf_counter() - started, "final": final})
+        return progress
+
+    def _post(self, event: dict) -> None:
+        if self.board is not None:
+            self._sent = self.board.post.remote(event)
+        elif event["kind"] == "line" and verbose():  # no board (a search trial, shown by its table)
+            sys.stdout.write(event["text"] + "\n")
+            sys.stdout.flush()
+
+
+def format_eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class ProgressView:
+    """The driver's view of a training run: a live bar per epoch phase (train, then evaluation),
+    redrawn in place on a terminal; off a terminal (a job's logs, CI) only the lines, one per epoch."""
+
+    def __init__(self, board, stream=None, poll_s: float = 0.5):
+        self.board, self.poll_s = board, poll_s
+        self.stream = stream or sys.stdout
+        self.live = self.stream.isatty()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._bar = ""
+
+    def __enter__(self) -> ProgressView:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._drain()
+        self._clear_bar()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self._drain()
+
+    def _drain(self) -> None:
+        import ray
+
+        try:
+            events = ray.get(self.board.take.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - the board's node is gone: the run's own errors say why
+            return
+        for event in events:
+            if event["kind"] == "line":
+                self._clear_bar()
+                self.stream.write(event["text"] + "\n")
+            elif self.live:
+                self._draw(event)
+        self.stream.flush()
+
+    def _draw(self, e: dict) -> None:
+        rate = e["done"] / e["elapsed"] if e["elapsed"] > 0 else 0.0
+        eta = format_eta((e["total"] - e["done"]) / rate) if rate > 0 else "-:--"
+        width = 24
+        filled = int(width * e["done"] / e["total"]) if e["total"] else width
+        bar = (f"epoch {e['epoch']}/{e['epochs']} {e['phase']:<5} [{'#' * filled}{'.' * (width - filled)}] "
+               f"{e['done']}/{e['total']} images  {rate:.1f} img/s  ETA {eta}")
+        self.stream.write("\r" + bar.ljust(len(self._bar)))
+        self._bar = bar
+
+    def _clear_bar(self) -> None:
+        if self._bar:
+            self.stream.write("\r" + " " * len(self._bar) + "\r")
+            self._bar = ""

@@ -1,0 +1,82 @@
+"""The live trial table of `finetune tune`: one row per trial (its lr and freeze depth, the epoch it
+reached, its latest validation scores, its state), redrawn in place on a terminal; off a terminal,
+one line per trial report. Tune's controller runs in the driver, so this callback draws there."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ray import tune
+
+COLUMNS = f"{'trial':<18} {'lr':>9} {'freeze':>6} {'epoch':>7} {'val loss':>8} {'val acc':>7}  state"
+
+
+class TrialTable(tune.Callback):
+    def __init__(self, epochs: int, every_s: float = 0.5):
+        # No stream held: Tune pickles its callbacks into tuner.pkl.
+        self.epochs, self.every_s = epochs, every_s
+        self.rows: dict[str, dict] = {}
+        self._drawn_lines, self._last_draw = 0, 0.0
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @property
+    def live(self) -> bool:
+        return self.stream.isatty()
+
+    def _row(self, trial) -> dict:
+        return self.rows.setdefault(trial.trial_id, {"lr": trial.config.get("lr"),
+                                                      "freeze": trial.config.get("freeze_depth"),
+                                                      "epoch": 0, "val_loss": None, "val_acc": None,
+                                                      "state": "pending"})
+
+    def format_row(self, trial_id: str) -> str:
+        r = self.rows[trial_id]
+        lr = f"{r['lr']:.2e}" if r["lr"] is not None else "-"
+        loss = f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "-"
+        acc = f"{r['val_acc']:.3f}" if r["val_acc"] is not None else "-"
+        freeze = "-" if r["freeze"] is None else r["freeze"]
+        epoch = f"{r['epoch']}/{self.epochs}"
+        return f"{trial_id:<18} {lr:>9} {freeze!s:>6} {epoch:>7} {loss:>8} {acc:>7}  {r['state']}"
+
+    def _changed(self, trial, force: bool = False) -> None:
+        if not self.live:
+            self.stream.write(self.format_row(trial.trial_id) + "\n")
+            self.stream.flush()
+            return
+        if force or time.monotonic() - self._last_draw >= self.every_s:
+            self._draw()
+
+    def _draw(self) -> None:
+        lines = [COLUMNS, *(self.format_row(t) for t in self.rows)]
+        # Back to the table's first line, then each line rewritten and the rest of it cleared.
+        up = f"\x1b[{self._drawn_lines}F" if self._drawn_lines else ""
+        self.stream.write(up + "".join(line + "\x1b[K\n" for line in lines))
+        self.stream.flush()
+        self._drawn_lines, self._last_draw = len(lines), time.monotonic()
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._row(trial)["state"] = "running"
+        self._changed(trial, force=True)
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        row = self._row(trial)
+        row.update(epoch=result.get("epoch", row["epoch"]), val_loss=result.get("val_loss", row["val_loss"]),
+                   val_acc=result.get("val_acc", row["val_acc"]), state="running")
+        self._changed(trial)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        row = self._row(trial)
+        row["state"] = "done" if row["epoch"] >= self.epochs else "stopped early (ASHA)"
+        self._changed(trial, force=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._row(trial)["state"] = "error"
+        self._changed(trial, force=True)
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        if self.live:
+            self._draw()

@@ -1,0 +1,64 @@
+"""What a user sees: `finetune train` on a terminal (a real pseudo-terminal) shows the start-up block,
+a live progress bar per epoch phase with images/s and ETA, one line per epoch and the summary, and
+none of Ray's own log lines; off a terminal, the same lines without the bars."""
+
+import os
+import pty
+import re
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from tests.conftest import REPO
+
+# What Ray prints in a healthy run when its logs reach the console.
+RAY_NOISE = ("Reporting training result", "will hang", "Progress bars disabled", "registers for logging",
+             "execution finished", "Token authentication", "pid=")
+
+
+def run_on_terminal(args: list[str], env: dict, timeout: float = 600) -> str:
+    """args run with stdout and stderr on a pseudo-terminal; everything it wrote. Read until the
+    process exits (the processes it started, Ray's, may hold the terminal open after it)."""
+    main, child = pty.openpty()
+    proc = subprocess.Popen(args, stdin=child, stdout=child, stderr=child, cwd=REPO, env=env)
+    os.close(child)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        exited = proc.poll() is not None
+        ready, _, _ = select.select([main], [], [], 0.2)
+        try:
+            chunk = os.read(main, 65536) if ready else b""
+        except OSError:  # the terminal closed
+            break
+        chunks.append(chunk)
+        if exited and not chunk:
+            break
+    else:
+        proc.kill()
+    proc.wait(timeout=60)
+    os.close(main)
+    out = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def test_train_on_a_terminal_shows_progress_and_no_ray_logs(tiny_dataset, source_weights, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_FINETUNE_LOG")}
+    # A Ray of its own, beside the test session's (short: Ray's socket paths must fit 107 bytes).
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    out = run_on_terminal([sys.executable, "-m", "pipeline.cli", "train", "--data", tiny_dataset, "--weights",
+                           source_weights, "--freeze-bn", "--epochs", "2", "--batch-size", "16", "--data.image_size",
+                           "48", "--data.resize_size", "56", "--storage", str(tmp_path / "runs"), "--name", "tty"],
+                          env)
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    lines = [line.rsplit("\r", 1)[-1] for line in out.replace("\r\n", "\n").split("\n")]  # as the terminal shows
+    assert not [n for n in RAY_NOISE if n in out], out[-4000:]
+    assert "cluster: " in out and "data: 2 classes" in out and "run folder: " in out
+    # One line per epoch, from the driver (not one per rank, no Ray prefix).
+    assert [sum(line.startswith(f"epoch {e}/2  loss") for line in lines) for e in (1, 2)] == [1, 1], out[-3000:]
+    # The live bars: redrawn in place (carriage returns), train and test phases, rate and time left.
+    bars = re.findall(r"\repoch (\d)/2 (train|test) +\[[#.]+\] +\d+/\d+ images +[\d.]+ img/s +ETA \d+:\d\d", out)
+    assert {phase for _, phase in bars} == {"train", "test"}, out[-3000:]
