@@ -2,9 +2,9 @@
 unless asked for (`--verbose` or RAY_FINETUNE_LOG=debug), and the training progress drawn by the
 driver from what rank 0 posts to a ProgressBoard actor.
 
-Ray's logs are quieted through Ray's own logging settings (its LoggingConfig, Ray Data's
-RAY_DATA_LOG_LEVEL, a worker_process_setup_hook), not by filtering text: files in the session's
-logs folder keep what the console leaves out, and errors always reach the console."""
+Ray's logs are quieted through logging levels (Ray Data's RAY_DATA_LOG_LEVEL, a
+worker_process_setup_hook, the training workers' root logger), not by filtering text. Warnings from
+an unhealthy run and errors still reach the console."""
 
 from __future__ import annotations
 
@@ -38,25 +38,21 @@ def quiet_ray_worker() -> None:
 
 
 def ray_init_options() -> dict:
-    """ray.init's logging options: quiet unless verbose. Ray Train's per-report line ("Reporting
-    training result") is logged under the root logger of its workers, which LoggingConfig sets;
-    Ray Data's loggers follow RAY_DATA_LOG_LEVEL, which every process of the job inherits."""
-    import ray
-
+    """ray.init's options for a quiet run: Ray Data's loggers follow RAY_DATA_LOG_LEVEL, which every
+    process of the job inherits, and every worker runs quiet_ray_worker first."""
     if verbose():
-        return {"logging_config": ray.LoggingConfig(log_level="INFO")}
+        return {}
     env = {} if "RAY_DATA_LOG_LEVEL" in os.environ else {"RAY_DATA_LOG_LEVEL": "WARNING"}
     os.environ.update(env)  # Ray Data reads it whenever it configures its loggers
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # this process configured them on import
     quiet_ray_worker()
-    return {"logging_config": ray.LoggingConfig(log_level="WARNING"),
-            "runtime_env": {"env_vars": env, "worker_process_setup_hook": "pipeline.console.quiet_ray_worker"}}
+    return {"runtime_env": {"env_vars": env, "worker_process_setup_hook": "pipeline.console.quiet_ray_worker"}}
 
 
 @contextlib.contextmanager
 def quiet_ray_start():
-    """Around ray.init: a local Ray has token authentication on and says so with a warning every
-    start, which asks nothing of the user. Errors still show."""
+    """Around ray.init: a local Ray has token authentication on, and says so with a warning at every
+    start that asks nothing of the user. Errors still show."""
     logger = logging.getLogger("ray")
     level = logger.level
     if not verbose():
@@ -65,6 +61,14 @@ def quiet_ray_start():
         yield
     finally:
         logger.setLevel(level)
+
+
+def quiet_train_worker() -> None:
+    """In a training worker, after Ray Train has set up its logging: Ray Train logs every report
+    ("Reporting training result ...") at INFO through a logger of its own outside `ray.train`, which
+    only the worker's root level holds back."""
+    if not verbose():
+        logging.getLogger().setLevel(logging.WARNING)
 
 
 class ProgressBoard:

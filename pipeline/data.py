@@ -259,7 +259,9 @@ def decode_split(index: ImageFolderIndex, split: str, preset: ImagePreset, *, ce
     are sorted by class, and per-epoch shuffling only reorders blocks and rows nearby)."""
     items = _split_items(index, split, shuffle_seed)
     fs, _ = storage.resolve(index.root)
-    good = _decoded(items, fs, preset, center_crop).materialize()
+    # Just under a CPU per task: as many tasks run, and the splits decoding side by side never see a
+    # cluster with no CPU left (Ray Data warns then that the job "will hang").
+    good = _decoded(items, fs, preset, center_crop, task_cpus=0.95).materialize()
     n_bad = len(items) - good.count()  # count() of a materialized dataset reads only block metadata
     bad_files: list[str] = []
     if n_bad:

@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline import data
 from pipeline.config import Config
-from pipeline.console import Poster
+from pipeline.console import Poster, quiet_train_worker
 from pipeline.model import (
     SourceWeights,
     WeightAverage,
@@ -307,6 +307,7 @@ def worker_nodes() -> list[str]:
 
 def train_loop_per_worker(loop_config: dict) -> list:
     """Entry point on every worker. Returns the epoch history (rank 0's is the run's)."""
+    quiet_train_worker()
     cfg = Config.from_dict(loop_config["config"])
     meta = loop_config["meta"]
     ctx = ray.train.get_context()
