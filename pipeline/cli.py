@@ -6,7 +6,7 @@ import argparse
 import sys
 import traceback
 
-from pipeline.config import ConfigError, add_config_args, config_from_args
+from pipeline.config import ConfigError, add_config_args, config_from_args, with_changes
 
 
 def _job_config(args):
@@ -17,7 +17,7 @@ def _job_config(args):
     cfg = config_from_args(args)
     storage.configure_endpoint(cfg.run.s3_endpoint)
     if not cfg.data.path:  # a first run with no --data: the d2l hot dog set
-        cfg.data.path = fetch("hotdog")
+        cfg = with_changes(cfg, {"data": {"path": fetch("hotdog")}})
     return cfg
 
 

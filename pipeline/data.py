@@ -311,20 +311,18 @@ def split_for_ranks(decoded: DecodedSplit, world_size: int) -> list[ray.data.Dat
     return list(decoded.dataset.split_at_indices(cuts))
 
 
-def undecodable_this_epoch(meta: dict, metrics: dict, world: int) -> dict[str, int]:
+def undecodable_this_epoch(streamed_files: dict[str, int], metrics: dict, world: int) -> dict[str, int]:
     """Per streamed split, the files that gave no image this epoch (none when the splits were
     decoded once: those were counted and checked on the driver). Exact for the evaluation splits,
     whose shards are exact; a lower bound for train, whose equal split may also drop up to
     world - 1 good rows to balance the ranks."""
     return {split: max(0, n - metrics[f"{split}_images"] - (world - 1 if split == "train" else 0))
-            for split, n in meta.get("streamed_files", {}).items()}
+            for split, n in streamed_files.items()}
 
 
-def too_many_undecodable(bad: dict[str, int], meta: dict, epoch: int) -> str:
+def too_many_undecodable(bad: dict[str, int], files: dict[str, int], limit: float, epoch: int) -> str:
     """The data error that stops a streamed run, or "": a split whose undecodable share this
-    epoch is over data.max_bad_fraction."""
-    limit = meta.get("max_bad_fraction", 1.0)
-    files = meta.get("streamed_files", {})
+    epoch (of its files) is over limit (data.max_bad_fraction)."""
     over = [f"{bad[s]} of {files[s]} {s} images could not be decoded in epoch {epoch} "
             f"({bad[s] / files[s]:.1%} > data.max_bad_fraction {limit:.1%})" for s in bad if bad[s] / files[s] > limit]
     return "; ".join(over) + "; `finetune data check` names them" if over else ""

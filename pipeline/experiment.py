@@ -22,8 +22,8 @@ import time
 import numpy as np
 
 from pipeline import plots, storage
+from pipeline.archs import ARCHS
 from pipeline.config import Config, with_changes
-from pipeline.model import STAGES
 from pipeline.redact import redact_tree
 from pipeline.runner import (
     Prepared,
@@ -58,7 +58,7 @@ def row_config(cfg: Config, row: str, seed: int, tuned: dict | None = None) -> C
     c.model.reuse_classifier = row in ("finetune_reuse", "finetune_tuned")
     c.model.probe_init = c.model.probe_init and row == "finetune_tuned"
     if row == "linear_probe":
-        c.model.freeze_depth = len(STAGES[c.model.arch])
+        c.model.freeze_depth = len(ARCHS[c.model.arch].stages)
     elif row == "finetune_tuned":
         c = with_changes(c, cfg.experiment.tuned_recipe)
         if tuned is not None:  # None: the config its search starts from
@@ -93,13 +93,40 @@ def _train_row(cfg: Config, prep: Prepared, name: str, exp_path: str, fs) -> dic
             "checkpoint": storage.s3_uri(cfg.run.storage, result.checkpoint.path) if result.checkpoint else None}
 
 
+def _tuned_search(cfg: Config, seed: int, exp_dir: str) -> tuple[dict, dict, Config]:
+    """The tuned row's search (test unread), in <experiment>/tune: (what it picked, the row's extra
+    fields, the search's config)."""
+    from pipeline.search import run_search
+
+    search_cfg = with_changes(row_config(cfg, "finetune_tuned", seed),
+                              {"run": {"storage": exp_dir, "name": "tune"}, "tune": {"retrain": False}})
+    summary = run_search(search_cfg, test_once=False)
+    best = summary["best"]
+    tuned = {k: best[k] for k in ("lr", "freeze_depth", "head_lr_mult", "crop_min_scale", "eval_crop_size",
+                                  "wise_alpha")}
+    # The pick's validation scores (the loss and accuracy it was chosen on), each as search_<name>.
+    extra = {"tuned": tuned, "recipe": cfg.experiment.tuned_recipe, "search_metric": summary["metric"],
+             "search_wall_s": summary["wall_time_s"], "search_wise_alpha_margin": best["wise_alpha_margin"],
+             **{f"search_{k}": best[k] for k in ("trial", "best_scoring_trial", "trial_margin",
+                                                  "weight_distance")},
+             **{f"search_{m}{by}": best[f"{m}{by}"] for m in ("val_acc", "val_loss")
+                for by in ("", "_by_eval_crop", "_by_wise_alpha")}}
+    eval_crop = tuned["eval_crop_size"] or search_cfg.data.image_size
+    print(f"finetune_tuned: Tune selected lr {tuned['lr']:.3g}, freeze depth {tuned['freeze_depth']}, "
+          f"crop scale {tuned['crop_min_scale']:g}-1, eval crop {eval_crop}, "
+          f"WiSE alpha {tuned['wise_alpha']:g} "
+          f"(val acc {best['val_acc']:.3f}, loss {best['val_loss']:.3f}, epoch "
+          f"{best['epoch']}); training it on the full train split", flush=True)
+    return tuned, extra, search_cfg
+
+
 def run_experiment(cfg: Config) -> dict:
     t_start = time.perf_counter()
     name = cfg.run.name or run_name(cfg).replace(cfg.model.arch, f"experiment-{cfg.model.arch}", 1)
     exp_dir = storage.join(cfg.run.storage, name)
     rows = [r.strip() for r in cfg.experiment.rows.split(",")]
     seeds = list(range(cfg.experiment.seeds))
-    begin(cfg, ())
+    cfg = begin(cfg, ())
     print(f"experiment: {exp_dir}\nrows: {', '.join(rows)} | seeds {seeds}", flush=True)
     prep = with_light_cpu_claim(prepare(cfg), cfg)  # rows and the search's trials run back to back
     fs, path = storage.resolve(cfg.run.storage)
@@ -123,31 +150,8 @@ def run_experiment(cfg: Config) -> dict:
                                         "test_acc_se": accuracy_standard_error(zero["test_acc"], zero["test_images"]),
                                         "wall_s_mean": 0.0, "note": "deterministic: one evaluation"}
             continue
-        tuned = None
-        extra = {}
-        if row == "finetune_tuned":
-            from pipeline.search import run_search
-
-            search_cfg = row_config(cfg, "finetune_tuned", seeds[0])
-            search_cfg.run.storage, search_cfg.run.name = exp_dir, "tune"
-            search_cfg.tune.retrain = False
-            summary = run_search(search_cfg, test_once=False)
-            best = summary["best"]
-            tuned = {k: best[k] for k in ("lr", "freeze_depth", "head_lr_mult", "crop_min_scale", "eval_crop_size",
-                                          "wise_alpha")}
-            # The pick's validation scores (the loss and accuracy it was chosen on), each as search_<name>.
-            extra = {"tuned": tuned, "recipe": cfg.experiment.tuned_recipe, "search_metric": summary["metric"],
-                     "search_wall_s": summary["wall_time_s"], "search_wise_alpha_margin": best["wise_alpha_margin"],
-                     **{f"search_{k}": best[k] for k in ("trial", "best_scoring_trial", "trial_margin",
-                                                          "weight_distance")},
-                     **{f"search_{m}{by}": best[f"{m}{by}"] for m in ("val_acc", "val_loss")
-                        for by in ("", "_by_eval_crop", "_by_wise_alpha")}}
-            eval_crop = tuned["eval_crop_size"] or search_cfg.data.image_size
-            print(f"{row}: Tune selected lr {tuned['lr']:.3g}, freeze depth {tuned['freeze_depth']}, "
-                  f"crop scale {tuned['crop_min_scale']:g}-1, eval crop {eval_crop}, "
-                  f"WiSE alpha {tuned['wise_alpha']:g} "
-                  f"(val acc {best['val_acc']:.3f}, loss {best['val_loss']:.3f}, epoch "
-                  f"{best['epoch']}); training it on the full train split", flush=True)
+        tuned, extra, search_cfg = (_tuned_search(cfg, seeds[0], exp_dir) if row == "finetune_tuned"
+                                    else (None, {}, None))
         row_prep = dataclasses.replace(prep, source_ref=None) if row == "scratch" else prep
         if tuned:
             row_prep = with_eval_crop(prep, search_cfg, tuned["eval_crop_size"], splits=("test",))

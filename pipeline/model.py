@@ -11,27 +11,11 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.config import ARCHS, ConfigError, ModelConfig
+from pipeline.archs import ARCHS
+from pipeline.config import ConfigError, ModelConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# Where each architecture keeps its final Linear layer (the head to replace).
-HEADS = {"resnet18": "fc", "resnet34": "fc", "resnet50": "fc", "mobilenet_v2": "classifier.1"}
-
-# Freeze depth k freezes the first k stages, bottom up: 1 = the stem, then one stage per step;
-# freezing every stage leaves only the head training (a linear probe).
-_RESNET_STAGES = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
-STAGES = {
-    "resnet18": _RESNET_STAGES, "resnet34": _RESNET_STAGES, "resnet50": _RESNET_STAGES,
-    # MobileNetV2's feature blocks grouped by output resolution/width, as its paper's table does.
-    "mobilenet_v2": [["features.0"], ["features.1"], ["features.2", "features.3"],
-                     ["features.4", "features.5", "features.6"],
-                     ["features.7", "features.8", "features.9", "features.10"],
-                     ["features.11", "features.12", "features.13"],
-                     ["features.14", "features.15", "features.16"], ["features.17", "features.18"]],
-}
-
 
 @dataclass
 class SourceWeights:
@@ -56,7 +40,7 @@ def load_source_weights(cfg: ModelConfig, progress: bool = False) -> SourceWeigh
     elif cfg.weights == "imagenet":
         path, digest = weights.imagenet_file(cfg, progress)
         sd = weights.load_state_dict(path)
-        enum = torchvision.models.get_model_weights(cfg.arch).DEFAULT
+        enum = ARCHS[cfg.arch].imagenet_weights()
         preset = enum.transforms()
         mean, std, cats = tuple(preset.mean), tuple(preset.std), list(enum.meta["categories"])
     else:
@@ -135,7 +119,7 @@ def match_classes(classes: list[str], categories: list[str] | None) -> ClassMatc
 
 
 def head_of(model: nn.Module, arch: str) -> nn.Linear:
-    return model.get_submodule(HEADS[arch])
+    return model.get_submodule(ARCHS[arch].head)
 
 
 def build_model(arch: str, num_classes: int, source: SourceWeights | None = None,
@@ -145,7 +129,7 @@ def build_model(arch: str, num_classes: int, source: SourceWeights | None = None
     whose rows in reuse_rows (target class -> source category) are copied from the source head;
     rest_bias sets an unmatched class's bias (see zeroshot.rest_threshold). head_init
     ({"weight", "bias"}: a fitted head, see probe.fit_probe_head) replaces the whole head."""
-    model = torchvision.models.get_model(arch, weights=None)
+    model = ARCHS[arch].build()
     if source is not None and source.state_dict is not None:
         model.load_state_dict(source.state_dict, strict=True)
     old = head_of(model, arch)
@@ -168,7 +152,7 @@ def build_model(arch: str, num_classes: int, source: SourceWeights | None = None
 
 
 def replace_head(model: nn.Module, arch: str, module: nn.Module) -> None:
-    parent_name, _, leaf = HEADS[arch].rpartition(".")
+    parent_name, _, leaf = ARCHS[arch].head.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
 
 
@@ -181,10 +165,10 @@ def freeze_batchnorm(model: nn.Module) -> None:
 
 
 def frozen_stages(model: nn.Module, arch: str, depth: int) -> list[nn.Module]:
-    """The modules of the first `depth` stages (see STAGES)."""
+    """The modules of the first `depth` stages (archs.Arch.stages)."""
     if hasattr(model, "module"):  # DDP
         model = model.module
-    return [model.get_submodule(name) for stage in STAGES[arch][:depth] for name in stage]
+    return [model.get_submodule(name) for stage in ARCHS[arch].stages[:depth] for name in stage]
 
 
 def freeze_bottom(model: nn.Module, arch: str, depth: int) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.model import HEADS
+from pipeline.archs import ARCHS
 from pipeline.zeroshot import source_logits
 
 PROBE_IMAGES = 1024  # the driver's CPU pass: a few seconds to a minute; enough images for 2-class heads
@@ -24,7 +24,7 @@ FOLDS = 5
 def start_head(source, arch: str, num_classes: int, reuse_rows: dict, rest_bias: dict) -> tuple[np.ndarray, np.ndarray]:
     """(weight, bias) the penalty pulls toward: the reused source rows (and the rest class's
     calibrated bias), zero elsewhere. Without reuse, all zero: plain ridge-penalized regression."""
-    source_weight, source_bias = (source.state_dict[f"{HEADS[arch]}.{name}"] for name in ("weight", "bias"))
+    source_weight, source_bias = (source.state_dict[f"{ARCHS[arch].head}.{name}"] for name in ("weight", "bias"))
     weight, bias = np.zeros((num_classes, source_weight.shape[1])), np.zeros(num_classes)
     for target, src in reuse_rows.items():
         weight[target] = source_weight[src].double().numpy()

@@ -22,11 +22,12 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import console, data, plots, runstate, selection, storage
 from pipeline.cluster import check_local_paths
-from pipeline.config import Config, describe
+from pipeline.config import Config, describe, with_changes
 from pipeline.model import load_source_weights, match_classes
 from pipeline.resources import Resources, auto_workers, plan_resources, worker_count, worker_malloc_env
 from pipeline.train_loop import train_loop_per_worker
 from pipeline.transforms import ImagePreset
+from pipeline.worker_spec import WorkerSpec
 
 
 def init_ray(address: str = "") -> None:
@@ -51,9 +52,10 @@ def init_ray(address: str = "") -> None:
 RUN_SECTIONS = ("data", "model", "optim", "scaling", "run")
 
 
-def begin(cfg: Config, sections: tuple[str, ...] = RUN_SECTIONS) -> None:
+def begin(cfg: Config, sections: tuple[str, ...] = RUN_SECTIONS) -> Config:
     """What every job does first: print the resolved config (the sections it reads), check its
-    storage, start Ray, settle the cluster-dependent defaults."""
+    storage, start Ray. Returns the config with the cluster-dependent defaults settled (a new one:
+    cfg is never changed)."""
     print(describe(cfg, sections), flush=True)
     # Object storage problems surface here in seconds, before Ray or any data work.
     storage.preflight(cfg.run.storage, write=True)
@@ -62,9 +64,10 @@ def begin(cfg: Config, sections: tuple[str, ...] = RUN_SECTIONS) -> None:
     check_local_paths(cfg.data.path, cfg.run.storage)
     cluster = ray.cluster_resources()
     if cfg.scaling.workers == 0:
-        cfg.scaling.workers = auto_workers(cfg, cluster)
+        cfg = with_changes(cfg, {"scaling": {"workers": auto_workers(cfg, cluster)}})
     print(f"cluster: {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs | workers={cfg.scaling.workers} "
           f"(per-worker batch {cfg.data.batch_size // cfg.scaling.workers})", flush=True)
+    return cfg
 
 
 def run_name(cfg: Config) -> str:
@@ -218,20 +221,28 @@ def with_light_cpu_claim(prep: Prepared, cfg: Config) -> Prepared:
     return dataclasses.replace(prep, res=dataclasses.replace(prep.res, cpus_per_worker=0.25))
 
 
-def _worker_meta(cfg: Config, prep: Prepared, in_search: bool, eval_splits: tuple[str, ...]) -> dict:
-    """What every training worker needs beside the config: classes, normalization, the head's
-    starting rows, and the image counts it checks its epochs against."""
-    return {"classes": prep.classes, "mean": list(prep.source.mean), "std": list(prep.source.std),
-            "arch": cfg.model.arch, "skipped_images": prep.skipped, "in_search": in_search,
-            **({"reuse_rows": prep.reuse_rows, "rest_bias": prep.rest_bias}
-               if cfg.model.reuse_classifier and prep.source_ref is not None else {}),
-            **({"probe_head": prep.probe_head} if cfg.model.probe_init else {}),
-            "train_images": prep.splits["train"].num_images,
-            "eval_images": {s: prep.splits[s].num_images for s in eval_splits},
-            "max_bad_fraction": cfg.data.max_bad_fraction,
-            # Streamed splits find their undecodable files as they go: the loop counts them per epoch.
-            "streamed_files": {s: prep.splits[s].num_images for s in ("train", *eval_splits)
-                               if prep.splits[s].streaming}}
+def worker_spec(cfg: Config, prep: Prepared, in_search: bool, eval_splits: tuple[str, ...], board) -> WorkerSpec:
+    reuse = cfg.model.reuse_classifier and prep.source_ref is not None
+    # Search trials (they evaluate on val) of a search that offers tune.wise_alphas score every alpha
+    # each epoch and report the chosen one, so that ASHA and the checkpoint choice judge a trial by the
+    # model it would be used as; with tune.select_tolerance they also report how far their weights
+    # moved from the start. Runs that need neither keep no copy of the start weights.
+    rule = selection.alpha_rule(cfg) if in_search else None
+    keep = (cfg.model.wise_alpha != 1 or (rule is not None and any(a != 1 for a in rule.alphas))
+            or (in_search and cfg.tune.select_tolerance > 0))
+    return WorkerSpec(
+        config=cfg.to_dict(), classes=tuple(prep.classes), mean=tuple(prep.source.mean), std=tuple(prep.source.std),
+        train_images=prep.splits["train"].num_images,
+        eval_images={s: prep.splits[s].num_images for s in eval_splits},
+        eval_shards={s: {n: data.split_for_ranks(prep.splits[s], n) for n in cfg.scaling.group_sizes()}
+                     for s in eval_splits},
+        skipped_images=prep.skipped,
+        streamed_files={s: prep.splits[s].num_images for s in ("train", *eval_splits) if prep.splits[s].streaming},
+        max_bad_fraction=cfg.data.max_bad_fraction, torch_threads=prep.res.torch_threads,
+        alpha_rule=rule, keep_start_weights=keep,
+        source=prep.source_ref, reuse_rows=prep.reuse_rows if reuse else None,
+        rest_bias=prep.rest_bias if reuse else None, probe_head=prep.probe_head if cfg.model.probe_init else None,
+        board=board)
 
 
 def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, fs, in_search: bool = False,
@@ -249,7 +260,6 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
                                   auto_augment=cfg.data.auto_augment)
     eval_splits = ("val",) if in_search else tuple(s for s in ("val", "test") if s in prep.splits)
     datasets = {"train": data.train_stream(train, augment, prep.res.data_task_cpus, seed=cfg.optim.seed)}
-    meta = _worker_meta(cfg, prep, in_search, eval_splits)
     res = prep.res
     # Checkpoints kept beside the latest: with a validation split, the best on it (a search trial's by
     # what the search scores, so that a search judging best epochs finds its pick; a run's by
@@ -264,12 +274,7 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
     ingest.preserve_order = cfg.scaling.workers == 1
     return TorchTrainer(
         train_loop_per_worker,
-        # Exact per-rank eval shards for every size the worker group may have (one, unless elastic),
-        # cut here: a split needs a CPU that a worker node's training workers may all hold.
-        train_loop_config={"config": cfg.to_dict(), "meta": meta, "torch_threads": res.torch_threads, "board": board,
-                           "source": prep.source_ref, "eval_shards": {
-                               split: {n: data.split_for_ranks(prep.splits[split], n)
-                                       for n in cfg.scaling.group_sizes()} for split in eval_splits}},
+        train_loop_config={"spec": worker_spec(cfg, prep, in_search, eval_splits, board)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=worker_count(cfg), use_gpu=res.use_gpu,
             elastic_resize_monitor_interval_s=cfg.scaling.resize_interval_s,
@@ -349,7 +354,7 @@ def run_training(cfg: Config) -> TrainOutcome:
     t_start = time.perf_counter()
     name = run_name(cfg)
     run_dir = storage.join(cfg.run.storage, name)
-    begin(cfg)
+    cfg = begin(cfg)
     index = data.scan_image_folder(cfg.data.path)
     ident = runstate.identity(cfg.to_dict(), index.classes, index.fingerprint)
     resuming = runstate.check_resume(run_dir, cfg.run.resume, ident)  # before anything is written there

@@ -25,8 +25,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from pipeline import data, plots, runstate, storage
-from pipeline.config import Config
-from pipeline.model import STAGES
+from pipeline.archs import ARCHS
+from pipeline.config import Config, with_changes
 from pipeline.redact import redact_tree
 from pipeline.runner import (
     RUN_SECTIONS,
@@ -46,7 +46,7 @@ from pipeline.trial_table import TrialTable
 
 def search_space(cfg: Config) -> dict:
     t = cfg.tune
-    depth = len(STAGES[cfg.model.arch]) if t.max_freeze_depth < 0 else t.max_freeze_depth
+    depth = len(ARCHS[cfg.model.arch].stages) if t.max_freeze_depth < 0 else t.max_freeze_depth
     space = {"lr": tune.loguniform(t.lr_min, t.lr_max), "freeze_depth": tune.randint(0, depth + 1)}
     space["head_lr_mult"] = tune.choice(t.head_lr_mults) if len(t.head_lr_mults) > 1 else t.head_lr_mults[0]
     if t.crop_min_scales:
@@ -246,24 +246,52 @@ def make_tuner(cfg: Config, prep: Prepared, name: str, n_parallel: int, fs, path
     return tuner
 
 
+def say_pick(pick: dict, top: dict, metric: str, margin: float) -> None:
+    print(f"pick: trial {pick['trial']} ({metric} {pick[metric]:.3f}, weights moved "
+          f"{pick['weight_distance']:.3f}) over the best-scoring {top['trial']} ({top[metric]:.3f}, "
+          f"moved {top['weight_distance']:.3f}): within {margin:.3f} of it, nearer the start", flush=True)
+
+
+def say_wise_alpha(metrics: dict, metric: str, alpha: float) -> None:
+    print(f"WiSE-FT alpha on val (the pick, epoch {metrics['epoch']}), {metric}: "
+          + ", ".join(f"{k}: {v:.3f}" for k, v in metrics[f"{metric}_by_wise_alpha"].items())
+          + f" -> {alpha:g} (the smallest within {metrics.get('wise_alpha_margin', 0):.3f} of the best)", flush=True)
+
+
+def best_entry(best_trial: dict, best_cfg: Config, best_metrics: dict, top: dict, trial_margin: float,
+               eval_crops: dict, test: dict, checkpoint: str) -> dict:
+    """best.json's "best": the pick, the config that reproduces it, how it was chosen, its test score."""
+    return {"trial": best_trial["trial"], "config": best_cfg.to_dict(), "best_scoring_trial": top["trial"],
+            "trial_margin": trial_margin, "weight_distance": best_trial.get("weight_distance"),
+            "lr": best_trial["lr"], "freeze_depth": best_trial["freeze_depth"],
+            "head_lr_mult": best_trial["head_lr_mult"], "crop_min_scale": best_trial["crop_min_scale"],
+            "eval_crop_size": best_cfg.data.eval_crop_size,
+            "val_acc_by_eval_crop": eval_crops.get("val_acc", {}),
+            "val_loss_by_eval_crop": eval_crops.get("val_loss", {}), "wise_alpha": best_cfg.model.wise_alpha,
+            "val_acc_by_wise_alpha": best_metrics.get("val_acc_by_wise_alpha", {}),
+            "val_loss_by_wise_alpha": best_metrics.get("val_loss_by_wise_alpha", {}),
+            "wise_alpha_margin": best_metrics.get("wise_alpha_margin", 0.0),
+            "val_acc": best_metrics["val_acc"], "val_loss": best_metrics.get("val_loss"),
+            "epoch": best_metrics["epoch"], "test_acc": test["accuracy"], "test_images": test["images"],
+            "test_confusion": test["confusion"], "checkpoint": checkpoint}
+
+
 def run_search(cfg: Config, test_once: bool = True) -> dict:
     """The search; test_once=False leaves the test set unread (a caller that evaluates elsewhere)."""
     t_start = time.perf_counter()
     metric, mode = cfg.tune.objective()
     name = cfg.run.name or run_name(cfg).replace(cfg.model.arch, f"tune-{cfg.model.arch}", 1)
     exp_dir = storage.join(cfg.run.storage, name)
-    begin(cfg, (*RUN_SECTIONS, "tune"))
+    cfg = begin(cfg, (*RUN_SECTIONS, "tune"))
     cluster = ray.cluster_resources()
     n_parallel = concurrency(cfg, cluster)
     # Each trial gets its share of the CPUs: planning with the concurrent workers of all trials.
-    sizing = dataclasses.replace(cfg, scaling=dataclasses.replace(
-        cfg.scaling, workers=cfg.tune.workers_per_trial * n_parallel))
+    sizing = with_changes(cfg, {"scaling": {"workers": cfg.tune.workers_per_trial * n_parallel}})
     prep = prepare(sizing, val_fraction=cfg.tune.val_fraction)
     prep = with_light_cpu_claim(prep, cfg)  # concurrency is capped above, by the real CPUs
     print(f"search: {name}  {cfg.tune.num_samples} trials, {n_parallel} at a time, "
           f"{cfg.tune.workers_per_trial} worker(s) each, ASHA on {metric} (grace {cfg.tune.grace_period}, "
           f"reduction {cfg.tune.reduction_factor})\nexperiment: {exp_dir}", flush=True)
-
     # Ray Tune copies AWS key variables into every trial's runtime env, so they leave the environment
     # for the search. The filesystem is built inside: pyarrow's AWS chain settles where it looks for
     # a key file when it is created.
@@ -275,25 +303,13 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     trials = sorted((trial_summary(r, cfg) for r in grid), key=lambda t: rank_key(t, cfg), reverse=True)
     best_trial, trial_margin = pick_trial(trials, cfg)
     if best_trial is not trials[0]:
-        top = trials[0]
-        print(f"pick: trial {best_trial['trial']} ({metric} {best_trial[metric]:.3f}, weights moved "
-              f"{best_trial['weight_distance']:.3f}) over the best-scoring {top['trial']} ({top[metric]:.3f}, "
-              f"moved {top['weight_distance']:.3f}): within {trial_margin:.3f} of it, nearer the start", flush=True)
-    # Each trial's TorchTrainer run lives in <experiment>/trials/<trial id>.
-    train_run = ray.train.Result.from_path(f"{exp_path}/trials/{best_trial['trial']}", storage_filesystem=fs)
-    if cfg.tune.select_epoch == "last":  # Ray Train keeps the latest checkpoint whatever num_to_keep says
-        best_ckpt, best_metrics = train_run.checkpoint, train_run.metrics
-    else:
-        best_ckpt, best_metrics = max(train_run.best_checkpoints, key=lambda cm: cfg.tune.goodness(cm[1][metric]))
+        say_pick(best_trial, trials[0], metric, trial_margin)
+    best_ckpt, best_metrics = picked_checkpoint(cfg, f"{exp_path}/trials/{best_trial['trial']}", fs)
     best_cfg = trial_config(cfg.to_dict(), best_trial)
     # The alpha was chosen with the checkpoint: the trial scored every alpha at every epoch.
     best_cfg.model.wise_alpha = float(best_metrics.get("wise_alpha", best_cfg.model.wise_alpha))
-    wise_scores = best_metrics.get(f"{metric}_by_wise_alpha", {})
-    if wise_scores:
-        print(f"WiSE-FT alpha on val (the pick, epoch {best_metrics['epoch']}), {metric}: "
-              + ", ".join(f"{k}: {v:.3f}" for k, v in wise_scores.items())
-              + f" -> {best_cfg.model.wise_alpha:g} (the smallest within {best_metrics.get('wise_alpha_margin', 0):.3f}"
-              " of the best)", flush=True)
+    if best_metrics.get(f"{metric}_by_wise_alpha"):
+        say_wise_alpha(best_metrics, metric, best_cfg.model.wise_alpha)
     eval_crops = {}
     if cfg.tune.eval_crop_sizes:
         eval_crops, best_cfg.data.eval_crop_size = select_eval_crop(best_cfg, prep, best_ckpt)
@@ -304,19 +320,8 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
             if test_once else {"accuracy": None, "confusion": None, "images": 0, "misclassified": []})
     summary = {
         "experiment": exp_dir, "metric": metric, "classes": prep.classes,
-        "best": {"trial": best_trial["trial"], "config": best_cfg.to_dict(), "best_scoring_trial": trials[0]["trial"],
-                 "trial_margin": trial_margin, "weight_distance": best_trial.get("weight_distance"),
-                 "lr": best_trial["lr"], "freeze_depth": best_trial["freeze_depth"],
-                 "head_lr_mult": best_trial["head_lr_mult"], "crop_min_scale": best_trial["crop_min_scale"],
-                 "eval_crop_size": best_cfg.data.eval_crop_size,
-                 "val_acc_by_eval_crop": eval_crops.get("val_acc", {}),
-                 "val_loss_by_eval_crop": eval_crops.get("val_loss", {}), "wise_alpha": best_cfg.model.wise_alpha,
-                 "val_acc_by_wise_alpha": best_metrics.get("val_acc_by_wise_alpha", {}),
-                 "val_loss_by_wise_alpha": best_metrics.get("val_loss_by_wise_alpha", {}),
-                 "wise_alpha_margin": best_metrics.get("wise_alpha_margin", 0.0),
-                 "val_acc": best_metrics["val_acc"], "val_loss": best_metrics.get("val_loss"),
-                 "epoch": best_metrics["epoch"], "test_acc": test["accuracy"], "test_images": test["images"],
-                 "test_confusion": test["confusion"], "checkpoint": storage.s3_uri(cfg.run.storage, best_ckpt.path)},
+        "best": best_entry(best_trial, best_cfg, best_metrics, trials[0], trial_margin, eval_crops, test,
+                           storage.s3_uri(cfg.run.storage, best_ckpt.path)),
         "trials": trials, "wall_time_s": time.perf_counter() - t_start,
     }
     if cfg.tune.retrain:
@@ -328,7 +333,22 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
         storage.write_bytes(storage.join(exp_dir, "misclassified.png"), plots.image_grid(
             [img for img, _, _ in test["misclassified"]],
             [f"{prep.classes[y]} -> {prep.classes[p]}" for _, y, p in test["misclassified"]]))
-    print(format_trials(trials), flush=True)
+    print_summary(summary, cfg, test_once)
+    return summary
+
+
+def picked_checkpoint(cfg: Config, trial_path: str, fs) -> tuple:
+    """(checkpoint, its metrics) of the picked trial (its TorchTrainer run at trial_path) at the
+    epoch tune.select_epoch judges it by."""
+    train_run = ray.train.Result.from_path(trial_path, storage_filesystem=fs)
+    if cfg.tune.select_epoch == "last":  # Ray Train keeps the latest checkpoint whatever num_to_keep says
+        return train_run.checkpoint, train_run.metrics
+    metric = cfg.tune.objective()[0]
+    return max(train_run.best_checkpoints, key=lambda cm: cfg.tune.goodness(cm[1][metric]))
+
+
+def print_summary(summary: dict, cfg: Config, test_once: bool) -> None:
+    print(format_trials(summary["trials"]), flush=True)
     b = summary["best"]
     if "final" in summary:
         f = summary["final"]
@@ -341,9 +361,8 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
           f"  WiSE alpha {b['wise_alpha']:g}"
           f"  val acc {b['val_acc']:.3f}" + (f" loss {b['val_loss']:.3f}" if b["val_loss"] is not None else "")
           + f" (epoch {b['epoch']})\n{tested}\n"
-          f"checkpoint: {b['checkpoint']}\nsummary: {storage.join(exp_dir, 'best.json')}\n"
+          f"checkpoint: {b['checkpoint']}\nsummary: {storage.join(summary['experiment'], 'best.json')}\n"
           f"wall time {summary['wall_time_s']:.1f} s", flush=True)
-    return summary
 
 
 def format_trials(trials: list[dict]) -> str:

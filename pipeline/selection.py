@@ -4,6 +4,7 @@ trial's WiSE-FT alpha among those it scored. Test never chooses; the scores here
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -52,6 +53,28 @@ def chosen_wise_alpha(alphas: list, scores: list, errors: list, goodness, tolera
     margin = tolerance * errors[best]
     close = [i for i, s in enumerate(scores) if goodness(s) >= goodness(scores[best]) - margin]
     return min(close, key=lambda i: (alphas[i], i)), float(margin)
+
+
+@dataclass(frozen=True)
+class AlphaRule:
+    """How a search trial's workers choose its WiSE-FT alpha each epoch: built by the driver from
+    tune.wise_alphas, tune.select_metric and tune.select_tolerance; the workers only apply it."""
+
+    alphas: tuple[float, ...]
+    metric: str  # 'loss' or 'accuracy'
+    tolerance: float
+
+    def choose(self, accs: list, losses: list, acc_errors: list, loss_errors: list) -> tuple[int, float]:
+        """(index, margin) by chosen_wise_alpha on this rule's metric."""
+        if self.metric == "loss":
+            return chosen_wise_alpha(self.alphas, losses, loss_errors, lambda s: -s, self.tolerance)
+        return chosen_wise_alpha(self.alphas, accs, acc_errors, lambda s: s, self.tolerance)
+
+
+def alpha_rule(cfg: Config) -> AlphaRule | None:
+    """The rule a search trial of cfg applies, or None when the search offers no alphas."""
+    t = cfg.tune
+    return AlphaRule(tuple(t.wise_alphas), t.select_metric, t.select_tolerance) if t.wise_alphas else None
 
 
 def rank_key(trial: dict, cfg: Config) -> tuple:

@@ -34,7 +34,8 @@ from pipeline.model import (
 )
 from pipeline.normalize import Normalizer
 from pipeline.redact import redact_tree
-from pipeline.selection import accuracy_standard_error, chosen_wise_alpha, standard_error
+from pipeline.selection import accuracy_standard_error, standard_error
+from pipeline.worker_spec import WorkerSpec
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -111,36 +112,29 @@ class EpochPrefetcher:
 class EpochRunner:
     """One worker's model, optimizer and loops; state_dict() is what a checkpoint holds."""
 
-    def __init__(self, cfg: Config, meta: dict, source: SourceWeights | None):
-        self.cfg, self.meta = cfg, meta
+    def __init__(self, cfg: Config, spec: WorkerSpec, source: SourceWeights | None):
+        self.cfg = cfg
         self.device = ray.train.torch.get_device()
         # The global batch is the config's whatever the world size (an elastic group shrinks and
         # grows): each rank takes its share, so the gradient, the learning rates and the steps per
         # epoch are those of the config at every size.
         self.world = ray.train.get_context().get_world_size()
         self.local_batch = cfg.data.batch_size // self.world
-        self.rows_per_rank = meta["train_images"] // self.world  # Ray Train's equal split: floor(n / world)
+        self.rows_per_rank = spec.train_images // self.world  # Ray Train's equal split: floor(n / world)
         self.steps_per_epoch = math.ceil(self.rows_per_rank / self.local_batch)
         self.bf16 = use_bf16(cfg.scaling.precision, self.device)
-        model = build_for_config(cfg, len(meta["classes"]), source, meta.get("reuse_rows"), meta.get("rest_bias"),
-                                 meta.get("probe_head"))
+        model = build_for_config(cfg, len(spec.classes), source, spec.reuse_rows, spec.rest_bias, spec.probe_head)
         fmt = torch.channels_last if cfg.scaling.channels_last else torch.contiguous_format
         self.raw_model = model.to(self.device, memory_format=fmt)
         self.model = ray.train.torch.prepare_model(self.raw_model)
         self.optimizer = make_optimizer(self.raw_model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, self.steps_per_epoch)
-        self.normalize = Normalizer(meta["mean"], meta["std"], cfg.scaling.channels_last).to(self.device)
+        self.normalize = Normalizer(spec.mean, spec.std, cfg.scaling.channels_last).to(self.device)
         # WiSE-FT needs the start weights: to evaluate the interpolation, and in each checkpoint for
-        # whoever loads it. Search trials (they evaluate on val) of a search that offers
-        # tune.wise_alphas score every alpha each epoch and report the chosen one, so that ASHA and
-        # the checkpoint choice judge a trial by the model it would be used as; with
-        # tune.select_tolerance they also report how far their weights moved from the start. Runs
-        # that need neither keep no copy.
-        in_search = meta["in_search"]
-        self.offered_alphas = list(cfg.tune.wise_alphas) if in_search else []
-        keep = (cfg.model.wise_alpha != 1 or any(a != 1 for a in self.offered_alphas)
-                or (in_search and cfg.tune.select_tolerance > 0))
-        self.start_weights = trainable_weights(self.raw_model) if keep else None
+        # whoever loads it (the driver decides: runner.worker_spec).
+        self.alpha_rule = spec.alpha_rule
+        self.offered_alphas = list(spec.alpha_rule.alphas) if spec.alpha_rule else []
+        self.start_weights = trainable_weights(self.raw_model) if spec.keep_start_weights else None
         half_life_steps = cfg.optim.ema_half_life * self.steps_per_epoch
         self.average = WeightAverage(self.raw_model, half_life_steps) if half_life_steps else None
         # Wall-clock times (start-up benchmarks): the first batch in hand, i.e. training begins,
@@ -230,7 +224,7 @@ class EpochRunner:
     def evaluate(self, shard, split: str = "test", progress=lambda done, final=False: None) -> dict:
         """Accuracy and cross-entropy of the evaluated model (the weight average, if kept) at
         model.wise_alpha; or, offering alphas (search trials), those of the alpha chosen by
-        chosen_wise_alpha (tune.select_metric, tune.select_tolerance), with the alpha, the
+        the driver's selection.AlphaRule (tune.select_metric, tune.select_tolerance), with the alpha, the
         margin it was chosen within and every alpha's scores. With the start weights kept, also the
         scores' standard errors and the evaluated model's distance from the start. One pass over the
         data: each batch is scored at every alpha."""
@@ -262,10 +256,8 @@ class EpochRunner:
         loss_errors = [standard_error(loss, sq / n, n) for (_, _, _, sq), loss in zip(rows, losses, strict=True)]
         acc_errors = [accuracy_standard_error(acc, n) for acc in accs]
         chosen, margin = 0, 0.0
-        if self.offered_alphas:
-            scores, errors = (losses, loss_errors) if self.cfg.tune.select_metric == "loss" else (accs, acc_errors)
-            chosen, margin = chosen_wise_alpha(alphas, scores, errors, self.cfg.tune.goodness,
-                                               self.cfg.tune.select_tolerance)
+        if self.alpha_rule is not None:
+            chosen, margin = self.alpha_rule.choose(accs, losses, acc_errors, loss_errors)
         metrics = {f"{split}_acc": accs[chosen], f"{split}_loss": losses[chosen], f"{split}_images": int(rows[0][1])}
         if self.start_weights is not None:
             metrics.update({f"{split}_acc_se": acc_errors[chosen], f"{split}_loss_se": loss_errors[chosen],
@@ -305,28 +297,21 @@ def worker_nodes() -> list[str]:
     return nodes
 
 
-def train_loop_per_worker(loop_config: dict) -> list:
-    """Entry point on every worker. Returns the epoch history (rank 0's is the run's)."""
-    quiet_train_worker()
-    cfg = Config.from_dict(loop_config["config"])
-    meta = loop_config["meta"]
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    threads = loop_config.get("torch_threads")
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(cfg.optim.seed)  # same head init on every rank (DDP also broadcasts it)
-    source = loop_config.get("source")
-    runner = EpochRunner(cfg, meta, ray.get(source) if source is not None else None)
-    poster = Poster(loop_config.get("board") if rank == 0 else None)
-    say = poster.say if rank == 0 else (lambda line: None)
+def epoch_line(epoch: int, epochs: int, metrics: dict, splits) -> str:
+    """The seed's per-epoch line, with the evaluation splits and what else the epoch did."""
+    return (f"epoch {epoch}/{epochs}  loss {metrics['train_loss']:.3f}  train acc {metrics['train_acc']:.3f}"
+            + "".join(f"  {split} acc {metrics[split + '_acc']:.3f}" for split in splits)
+            + (f" (WiSE alpha {metrics['wise_alpha']:g})" if "wise_alpha" in metrics else "")
+            + f"  {metrics['examples_per_sec']:.1f} examples/sec  ({metrics['epoch_time_s']:.1f} s)"
+            + (f"  [{metrics['skipped_images']} undecodable images skipped]" if metrics["skipped_images"] else ""))
 
-    if runner.average is not None:
-        say(f"weight average: half-life {cfg.optim.ema_half_life:g} epochs = "
-            f"{cfg.optim.ema_half_life * runner.steps_per_epoch:g} steps, decay {runner.average.decay:.5f} per step")
-    history: list = []
-    starts: list = []  # one entry per worker group that ran this run: where it began, and how wide
-    start_epoch = 1
+
+def resume_point(runner: EpochRunner, say) -> tuple[list, int, list]:
+    """(history, first epoch to run, starts) from Ray Train's latest checkpoint, loaded into runner;
+    a fresh run's without one. Reports the last epoch again when there is none left to run. starts:
+    one entry per worker group that ran this run (where it began, and how wide), this one's included."""
+    world = ray.train.get_context().get_world_size()
+    history, start_epoch, starts = [], 1, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -334,55 +319,69 @@ def train_loop_per_worker(loop_config: dict) -> list:
         runner.load_state_dict(state)
         torch.set_rng_state(state["rng"])
         history, start_epoch, starts = state["history"], state["epoch"] + 1, state.get("starts", [])
-        say(f"resuming from epoch {state['epoch']} checkpoint with {ctx.get_world_size()} worker(s)")
-    starts = [*starts, {"epoch": start_epoch, "world_size": ctx.get_world_size(), "unix": time.time()}]
-    nodes = worker_nodes()
+        say(f"resuming from epoch {state['epoch']} checkpoint with {world} worker(s)")
+        if start_epoch > runner.cfg.optim.epochs:
+            # A run that had already finished (its driver died before hearing so): its final epoch
+            # again, so that whoever drives this run (a Tune trial) gets a result.
+            ray.train.report(history[-1])
+    return history, start_epoch, [*starts, {"epoch": start_epoch, "world_size": world, "unix": time.time()}]
 
+
+def train_loop_per_worker(loop_config: dict) -> list:
+    """Entry point on every worker: loop_config {"spec": WorkerSpec}. Returns the epoch history (rank
+    0's is the run's)."""
+    quiet_train_worker()
+    spec: WorkerSpec = loop_config["spec"]
+    cfg = Config.from_dict(spec.config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if spec.torch_threads:
+        torch.set_num_threads(spec.torch_threads)
+    torch.manual_seed(cfg.optim.seed)  # same head init on every rank (DDP also broadcasts it)
+    runner = EpochRunner(cfg, spec, ray.get(spec.source) if spec.source is not None else None)
+    poster = Poster(spec.board if rank == 0 else None)
+    say = poster.say if rank == 0 else (lambda line: None)
+    if runner.average is not None:
+        say(f"weight average: half-life {cfg.optim.ema_half_life:g} epochs = "
+            f"{cfg.optim.ema_half_life * runner.steps_per_epoch:g} steps, decay {runner.average.decay:.5f} per step")
+    history, start_epoch, starts = resume_point(runner, say)
+    nodes = worker_nodes()
     train_shard = ray.train.get_dataset_shard("train")
     # Cut on the driver for every size the group may have: an elastic run's is known only here.
-    eval_shards = {split: shards[ctx.get_world_size()][rank] for split, shards in loop_config["eval_shards"].items()}
+    eval_shards = {split: shards[world][rank] for split, shards in spec.eval_shards.items()}
     epochs = cfg.optim.epochs
-    if start_epoch > epochs and history:
-        # Resumed a run that had already finished (its driver died before hearing so):
-        # report the final epoch again so whoever drives this run (a Tune trial) gets a result.
-        ray.train.report(history[-1])
     batches = runner.prefetch_epoch(train_shard, start_epoch) if start_epoch <= epochs else None
     for epoch in range(start_epoch, epochs + 1):
         t0 = time.perf_counter()
-        metrics = runner.train_epoch(batches, poster.tracker("train", epoch, epochs, meta["train_images"]))
+        metrics = runner.train_epoch(batches, poster.tracker("train", epoch, epochs, spec.train_images))
         train_s = time.perf_counter() - t0
         batches = runner.prefetch_epoch(train_shard, epoch + 1) if epoch < epochs else None
         for split, shard in eval_shards.items():  # 'val' chooses (if carved), 'test' is reported
             metrics.update(runner.evaluate(shard, split, poster.tracker(split, epoch, epochs,
-                                                                        meta["eval_images"][split])))
-        streamed_bad = data.undecodable_this_epoch(meta, metrics, ctx.get_world_size())
+                                                                        spec.eval_images[split])))
+        streamed_bad = data.undecodable_this_epoch(spec.streamed_files, metrics, world)
         metrics.update(epoch=epoch, examples_per_sec=metrics["train_images"] / train_s,
                        first_batch_unix=runner.first_batch_unix, first_step_unix=runner.first_step_unix,
                        epoch_time_s=time.perf_counter() - t0,
-                       skipped_images=sum(streamed_bad.values()) if streamed_bad else meta["skipped_images"],
-                       world_size=ctx.get_world_size(), per_worker_batch=runner.local_batch,
+                       skipped_images=sum(streamed_bad.values()) if streamed_bad else spec.skipped_images,
+                       world_size=world, per_worker_batch=runner.local_batch,
                        lr=runner.optimizer.param_groups[0]["lr"], worker_nodes=nodes, attempt=len(starts) - 1)
         history.append(metrics)
-        problem = data.too_many_undecodable(streamed_bad, meta, epoch)
+        problem = data.too_many_undecodable(streamed_bad, spec.streamed_files, spec.max_bad_fraction, epoch)
         if problem:
             # Every rank holds the same all-reduced counts, so all stop here together; the driver
             # raises it (a worker error would only be retried from the checkpoint, and fail again).
-            metrics["data_error"] = problem
+            metrics["data_error"] = problem  # in the history too: the driver reads it from the returned history
             ray.train.report(metrics)
             break
-        if rank == 0:
-            say(f"epoch {epoch}/{epochs}  loss {metrics['train_loss']:.3f}  train acc {metrics['train_acc']:.3f}"
-                + "".join(f"  {split} acc {metrics[split + '_acc']:.3f}" for split in eval_shards)
-                + (f" (WiSE alpha {metrics['wise_alpha']:g})" if "wise_alpha" in metrics else "")
-                + f"  {metrics['examples_per_sec']:.1f} examples/sec"
-                f"  ({metrics['epoch_time_s']:.1f} s)"
-                + (f"  [{metrics['skipped_images']} undecodable images skipped]" if metrics["skipped_images"] else ""))
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, {**runner.state_dict(), "epoch": epoch, "config": loop_config["config"],
-                                      "history": history, "starts": starts, "rng": torch.get_rng_state(),
-                                      **{k: meta[k] for k in ("classes", "mean", "std", "arch")}})
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
+        if rank != 0:
             ray.train.report(metrics)
+            continue
+        say(epoch_line(epoch, epochs, metrics, eval_shards))
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(tmp, {**runner.state_dict(), "epoch": epoch, "config": spec.config, "history": history,
+                                  "starts": starts, "rng": torch.get_rng_state(), "classes": list(spec.classes),
+                                  "mean": list(spec.mean), "std": list(spec.std), "arch": cfg.model.arch})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     poster.flush()
     return history

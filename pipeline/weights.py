@@ -13,8 +13,8 @@ import re
 import tempfile
 
 import torch
-import torchvision
 
+from pipeline.archs import ARCHS
 from pipeline.config import ModelConfig
 from pipeline.storage import sha256_file
 
@@ -39,7 +39,7 @@ def verify(path: str, pinned: str, prefix: str = "") -> str:
 def imagenet_file(cfg: ModelConfig, progress: bool = False) -> tuple[str, str]:
     """torchvision's ImageNet weights for cfg.arch in torch hub's cache, downloaded (from
     model.weights_mirror when set) only when absent, and verified on every call: (path, sha256)."""
-    enum = torchvision.models.get_model_weights(cfg.arch).DEFAULT
+    enum = ARCHS[cfg.arch].imagenet_weights()
     name = enum.url.rsplit("/", 1)[1]
     found = re.search(r"-([a-f0-9]{8,})\.", name)  # torchvision's names carry their sha256's prefix
     prefix = found.group(1) if found else ""

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torchvision
 
+from pipeline.archs import ARCHS
 from pipeline.model import class_probabilities, replace_head
 from pipeline.normalize import Normalizer
 
@@ -44,7 +44,7 @@ def source_logits(source, arch: str, dataset, preset=None, limit: int | None = N
     of the image's and its mirror's probabilities instead (data.eval_flip; same argmax rule).
     features: the head's inputs (the pooled features) instead of the logits; with mirror, the
     mirrored images' features follow all the originals' as more rows, in the same order."""
-    model = torchvision.models.get_model(arch, weights=None)
+    model = ARCHS[arch].build()
     model.load_state_dict(source.state_dict)
     if features:
         replace_head(model, arch, torch.nn.Identity())

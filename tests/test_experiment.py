@@ -8,9 +8,10 @@ import ray
 import torch
 import torchvision
 
+from pipeline.archs import ARCHS
 from pipeline.config import Config, ConfigError, validate
 from pipeline.experiment import _summarize, format_table, row_config
-from pipeline.model import STAGES, SourceWeights, build_for_config, imagenet_categories, match_classes
+from pipeline.model import SourceWeights, build_for_config, imagenet_categories, match_classes
 from pipeline.train_loop import accuracy_standard_error
 from pipeline.zeroshot import rest_threshold, zero_shot_accuracy, zero_shot_predict
 
@@ -104,7 +105,7 @@ def test_row_configs_change_only_what_the_row_says():
     assert not row_config(base, "finetune", 0).model.reuse_classifier
     assert row_config(base, "finetune_reuse", 2).model.reuse_classifier
     assert row_config(base, "finetune_reuse", 2).optim.seed == 2
-    assert row_config(base, "linear_probe", 0).model.freeze_depth == len(STAGES["resnet18"])
+    assert row_config(base, "linear_probe", 0).model.freeze_depth == len(ARCHS["resnet18"].stages)
     scratch = row_config(base, "scratch", 0)
     assert (scratch.model.weights, scratch.model.freeze_bn, scratch.head_lr_mult) == ("none", False, 1.0)
     assert scratch.lr != base.lr

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torchvision
 
+from pipeline.archs import ARCHS
 from pipeline.config import ModelConfig
 from pipeline.model import (
-    HEADS,
     build_model,
     freeze_batchnorm,
     head_of,
@@ -22,7 +22,7 @@ from pipeline.model import (
 from pipeline.weights import WeightsError
 
 
-@pytest.mark.parametrize("arch", list(HEADS))
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_head_replaced_with_xavier_linear(arch):
     torch.manual_seed(0)
     model = build_model(arch, num_classes=3)
@@ -122,22 +122,22 @@ def test_imagenet_weights_served_from_cache_with_enum_metadata(weights_mirror, m
     assert torch.equal(src.state_dict["conv1.weight"], sd["conv1.weight"])
 
 
-@pytest.mark.parametrize("arch", list(HEADS))
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_freeze_depth_counts_stages_bottom_up(arch):
     from pipeline.config import Config
-    from pipeline.model import STAGES, build_for_config
+    from pipeline.model import build_for_config
 
     cfg = Config()
     cfg.model.arch = arch
-    cfg.model.freeze_depth = len(STAGES[arch])
+    cfg.model.freeze_depth = len(ARCHS[arch].stages)
     probe = build_for_config(cfg, 2)
     trainable = {n for n, p in probe.named_parameters() if p.requires_grad}
-    assert trainable == {f"{HEADS[arch]}.weight", f"{HEADS[arch]}.bias"}  # every stage frozen: a linear probe
+    assert trainable == {f"{ARCHS[arch].head}.weight", f"{ARCHS[arch].head}.bias"}  # every stage frozen: a linear probe
     cfg.model.freeze_depth = 1
     stem_only = build_for_config(cfg, 2)
-    stem = STAGES[arch][0][0]
+    stem = ARCHS[arch].stages[0][0]
     assert all(not p.requires_grad for n, p in stem_only.named_parameters() if n.startswith(stem + "."))
-    assert any(p.requires_grad for n, p in stem_only.named_parameters() if n.startswith(STAGES[arch][1][0] + "."))
+    assert any(p.requires_grad for n, p in stem_only.named_parameters() if n.startswith(ARCHS[arch].stages[1][0] + "."))
 
 
 def test_frozen_stages_do_not_change_in_training():

@@ -14,8 +14,8 @@ adds the checks that span sections (tree.py).
 
 from pipeline.config.args import add_config_args, config_from_args, describe, reference_markdown
 from pipeline.config.fields import ConfigError
-from pipeline.config.sections import ARCHS, ModelConfig
+from pipeline.config.sections import ModelConfig
 from pipeline.config.tree import Config, apply_dict, load_yaml, validate, with_changes
 
-__all__ = ["ARCHS", "Config", "ConfigError", "ModelConfig", "add_config_args", "apply_dict", "config_from_args",
+__all__ = ["Config", "ConfigError", "ModelConfig", "add_config_args", "apply_dict", "config_from_args",
            "describe", "load_yaml", "reference_markdown", "validate", "with_changes"]

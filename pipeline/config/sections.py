@@ -7,10 +7,10 @@ import os
 import re
 from dataclasses import dataclass
 
+from pipeline.archs import ARCHS
 from pipeline.config.fields import check, setting
 from pipeline.transforms import AUTO_AUGMENTS
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
 PRECISIONS = ("auto", "bf16", "fp32")
 LOSS_REDUCTIONS = ("mean", "sum")
 SCHEDULES = ("cosine", "constant")
@@ -139,11 +139,10 @@ class ModelConfig:
         if m.weights not in ("imagenet", "none") and not m.weights.startswith("s3://"):
             check(os.path.isfile(m.weights), "model.weights", m.weights,
                   "must be 'imagenet', 'none' or an existing state_dict file")
-        from pipeline.model import STAGES
-
-        if m.arch in STAGES:
-            check(0 <= m.freeze_depth <= len(STAGES[m.arch]), "model.freeze_depth", m.freeze_depth,
-                  f"must be in 0..{len(STAGES[m.arch])} for {m.arch}")
+        if m.arch in ARCHS:
+            depth = len(ARCHS[m.arch].stages)
+            check(0 <= m.freeze_depth <= depth, "model.freeze_depth", m.freeze_depth,
+                  f"must be in 0..{depth} for {m.arch}")
         check(not (m.probe_init and m.weights == "none"), "model.probe_init", m.probe_init,
               "needs pretrained weights (model.weights is 'none')")
         check(0 <= m.wise_alpha <= 1, "model.wise_alpha", m.wise_alpha, "must be in [0, 1] (1 = the trained weights)")
