@@ -86,10 +86,20 @@ class ProgressBoard:
         return events
 
 
+_boards: dict = {}
+
+
 def new_board():
+    """This driver's board, one per Ray job: the runs of one process (an experiment's rows) share it,
+    and none waits for an actor process to start but the first."""
     import ray
 
-    return ray.remote(num_cpus=0)(ProgressBoard).remote()
+    job = ray.get_runtime_context().get_job_id()
+    if job in _boards:
+        ray.get(_boards[job].take.remote())  # what an earlier run left unread is not this run's
+    else:
+        _boards[job] = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    return _boards[job]
 
 
 class Poster:

@@ -32,16 +32,15 @@ from pipeline.worker_spec import WorkerSpec
 
 def init_ray(address: str = "") -> None:
     """Join the cluster at address, or the one of a `ray job submit` (RAY_ADDRESS), or start a local
-    Ray; every command that needs Ray starts it here."""
-    if ray.is_initialized():
-        return
+    Ray; every command that needs Ray starts it here (a Ray already started in this process is kept)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address is None:
-        # A local in-process Ray is never drained or preempted: Ray Train's preemption watcher
-        # would be one more actor process to start (seconds of CPU) before the first step.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    with console.quiet_ray_start():
-        ray.init(address=address, log_to_driver=True, configure_logging=False, **console.ray_init_options())
+    if not ray.is_initialized():
+        if address is None:
+            # A local in-process Ray is never drained or preempted: Ray Train's preemption watcher
+            # would be one more actor process to start (seconds of CPU) before the first step.
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        with console.quiet_ray_start():
+            ray.init(address=address, log_to_driver=True, configure_logging=False, **console.ray_init_options())
     ctx = ray.data.DataContext.get_current()
     # The driver draws the run's progress (console.ProgressView); Ray Data's bars would draw beside it.
     ctx.enable_progress_bars = False
