@@ -22,6 +22,14 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "").lower() == "debug"
 
 
+def quiet_tune() -> None:
+    """Before a Tuner runs in this process: Tune's default output engine prints its configuration
+    box and a TensorBoard hint even at verbose=0 (its experiment_started ignores the verbosity); the
+    legacy engine, at verbose=0, prints nothing. The TrialTable shows the search instead."""
+    if not verbose():
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
 def set_verbose(on: bool) -> None:
     """--verbose: set before Ray starts, so that every process of the run sees it."""
     if on:

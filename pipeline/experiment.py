@@ -1,20 +1,11 @@
 """`finetune experiment`: the seed's claims measured on one dataset, in one table.
 
-Rows (every trained row once per seed; a model's test accuracy is read at its LAST epoch,
-so nothing is selected on test):
-  zero_shot       the source classifier itself, through the matched categories; no training
-  linear_probe    every backbone stage frozen, only the new head trains
-  finetune        the recipe: backbone at lr, new Xavier head at lr x head_lr_mult
-  finetune_reuse  the same, with matched classes' head rows starting from the source classifier
-  finetune_tuned  finetune_reuse with experiment.tuned_recipe applied, and lr, freeze depth (and the
-                  crop scale, WiSE-FT alpha and eval crop, when tune.crop_min_scales / tune.wise_alphas /
-                  tune.eval_crop_sizes list some) from a Tune search on a validation split
-  scratch         the same network from random init, one parameter group, the scratch lr
+Every trained row (experiment_rows.ROWS) runs once per seed, and a model's test accuracy is read
+at its LAST epoch, so nothing is selected on test. The tuned row's search reads validation only.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -22,8 +13,8 @@ import time
 import numpy as np
 
 from pipeline import plots, storage
-from pipeline.archs import ARCHS
-from pipeline.config import Config, with_changes
+from pipeline.config import Config, with_changes, with_overrides
+from pipeline.experiment_rows import ROWS
 from pipeline.redact import redact_tree
 from pipeline.runner import (
     Prepared,
@@ -31,44 +22,18 @@ from pipeline.runner import (
     fit_in_view,
     prepare,
     run_name,
-    with_eval_crop,
     with_light_cpu_claim,
     with_probe_head,
 )
+from pipeline.search import format_overrides, run_search
 from pipeline.selection import accuracy_standard_error
 from pipeline.zeroshot import zero_shot_accuracy
 
-ROW_TITLES = {
-    "zero_shot": "zero-shot (source classifier)",
-    "linear_probe": "linear probe (backbone frozen)",
-    "finetune": "fine-tune, seed recipe",
-    "finetune_reuse": "fine-tune + classifier reuse",
-    "finetune_tuned": "fine-tune, Tune-selected lr + freeze depth",
-    "scratch": "from scratch, seed recipe",
-}
 
-
-# ---------------------------------------------------------------- rows
-
-def row_config(cfg: Config, row: str, seed: int, tuned: dict | None = None) -> Config:
-    """The base config changed only where the row says so."""
-    c = Config.from_dict(cfg.to_dict())
-    c.optim.seed = seed
-    c.run.name = ""
-    c.model.reuse_classifier = row in ("finetune_reuse", "finetune_tuned")
-    c.model.probe_init = c.model.probe_init and row == "finetune_tuned"
-    if row == "linear_probe":
-        c.model.freeze_depth = len(ARCHS[c.model.arch].stages)
-    elif row == "finetune_tuned":
-        c = with_changes(c, cfg.experiment.tuned_recipe)
-        if tuned is not None:  # None: the config its search starts from
-            c.optim.lr, c.model.freeze_depth = tuned["lr"], tuned["freeze_depth"]
-            c.optim.head_lr_mult, c.data.crop_min_scale = tuned["head_lr_mult"], tuned["crop_min_scale"]
-            c.data.eval_crop_size, c.model.wise_alpha = tuned["eval_crop_size"], tuned["wise_alpha"]
-    elif row == "scratch":
-        c.model.weights, c.model.freeze_bn, c.model.freeze_depth = "none", False, 0
-        c.optim.lr = c.optim.head_lr_mult = None  # the scratch defaults: one group at the scratch lr
-    return c
+def row_overrides(cfg: Config, row: str, seed: int, pick: dict | None = None) -> dict:
+    """What a row's run changes in the base config: the row's overrides, then the search's pick (a
+    searched row), then the seed."""
+    return {**ROWS[row].overrides(cfg), **(pick or {}), "optim.seed": seed, "run.name": ""}
 
 
 def _summarize(runs: list[dict]) -> dict:
@@ -93,31 +58,23 @@ def _train_row(cfg: Config, prep: Prepared, name: str, exp_path: str, fs) -> dic
             "checkpoint": storage.s3_uri(cfg.run.storage, result.checkpoint.path) if result.checkpoint else None}
 
 
-def _tuned_search(cfg: Config, seed: int, exp_dir: str) -> tuple[dict, dict, Config]:
-    """The tuned row's search (test unread), in <experiment>/tune: (what it picked, the row's extra
-    fields, the search's config)."""
-    from pipeline.search import run_search
-
-    search_cfg = with_changes(row_config(cfg, "finetune_tuned", seed),
+def _tuned_search(cfg: Config, row: str, seed: int, exp_dir: str) -> tuple[dict, dict]:
+    """The searched row's search (test unread), in <experiment>/tune: (its pick as overrides, the
+    row's extra fields)."""
+    search_cfg = with_changes(with_overrides(cfg, row_overrides(cfg, row, seed)),
                               {"run": {"storage": exp_dir, "name": "tune"}, "tune": {"retrain": False}})
     summary = run_search(search_cfg, test_once=False)
     best = summary["best"]
-    tuned = {k: best[k] for k in ("lr", "freeze_depth", "head_lr_mult", "crop_min_scale", "eval_crop_size",
-                                  "wise_alpha")}
     # The pick's validation scores (the loss and accuracy it was chosen on), each as search_<name>.
-    extra = {"tuned": tuned, "recipe": cfg.experiment.tuned_recipe, "search_metric": summary["metric"],
+    extra = {"tuned": best["overrides"], "recipe": cfg.experiment.tuned_recipe, "search_metric": summary["metric"],
              "search_wall_s": summary["wall_time_s"], "search_wise_alpha_margin": best["wise_alpha_margin"],
              **{f"search_{k}": best[k] for k in ("trial", "best_scoring_trial", "trial_margin",
                                                   "weight_distance")},
              **{f"search_{m}{by}": best[f"{m}{by}"] for m in ("val_acc", "val_loss")
                 for by in ("", "_by_eval_crop", "_by_wise_alpha")}}
-    eval_crop = tuned["eval_crop_size"] or search_cfg.data.image_size
-    print(f"finetune_tuned: Tune selected lr {tuned['lr']:.3g}, freeze depth {tuned['freeze_depth']}, "
-          f"crop scale {tuned['crop_min_scale']:g}-1, eval crop {eval_crop}, "
-          f"WiSE alpha {tuned['wise_alpha']:g} "
-          f"(val acc {best['val_acc']:.3f}, loss {best['val_loss']:.3f}, epoch "
-          f"{best['epoch']}); training it on the full train split", flush=True)
-    return tuned, extra, search_cfg
+    print(f"{row}: Tune selected {format_overrides(best['overrides'])} (val acc {best['val_acc']:.3f}, loss "
+          f"{best['val_loss']:.3f}, epoch {best['epoch']}); training it on the full train split", flush=True)
+    return best["overrides"], extra
 
 
 def run_experiment(cfg: Config) -> dict:
@@ -150,14 +107,13 @@ def run_experiment(cfg: Config) -> dict:
                                         "test_acc_se": accuracy_standard_error(zero["test_acc"], zero["test_images"]),
                                         "wall_s_mean": 0.0, "note": "deterministic: one evaluation"}
             continue
-        tuned, extra, search_cfg = (_tuned_search(cfg, seeds[0], exp_dir) if row == "finetune_tuned"
-                                    else (None, {}, None))
-        row_prep = dataclasses.replace(prep, source_ref=None) if row == "scratch" else prep
-        if tuned:
-            row_prep = with_eval_crop(prep, search_cfg, tuned["eval_crop_size"], splits=("test",))
+        pick, extra = _tuned_search(cfg, row, seeds[0], exp_dir) if ROWS[row].searched else (None, {})
+        # A searched row may change anything (its recipe, its pick): it prepares its own data.
+        row_prep = (with_light_cpu_claim(prepare(with_overrides(cfg, row_overrides(cfg, row, seeds[0], pick))), cfg)
+                    if pick else prep)
         runs = []
         for seed in seeds:
-            c = row_config(cfg, row, seed, tuned)
+            c = with_overrides(cfg, row_overrides(cfg, row, seed, pick))
             row_prep = with_probe_head(row_prep, c)  # fitted for the first seed, shared by the others
             if c.model.probe_init:
                 extra["probe_head"] = {k: row_prep.probe_head[k] for k in ("penalty", "cv_loss")}
@@ -172,20 +128,12 @@ def run_experiment(cfg: Config) -> dict:
     storage.write_bytes(storage.join(exp_dir, "results.json"), json.dumps(redact_tree(results), indent=1).encode())
     storage.write_bytes(storage.join(exp_dir, "results.md"), (table + "\n").encode())
     storage.write_bytes(storage.join(exp_dir, "curves.png"), plots.experiment_curves(
-        {ROW_TITLES[k]: [r["curve"] for r in v["runs"]] for k, v in results["rows"].items() if v["runs"]},
+        {ROWS[k].title: [r["curve"] for r in v["runs"]] for k, v in results["rows"].items() if v["runs"]},
         zero["test_acc"] if zero else None, title=f"{cfg.model.arch} on {os.path.basename(cfg.data.path.rstrip('/'))}"))
     print(table, flush=True)
     print(f"results: {storage.join(exp_dir, 'results.md')} (+ results.json, curves.png)\n"
           f"wall time {results['wall_time_s']:.0f} s", flush=True)
     return results
-
-
-def _flat(changes: dict, prefix: str = "") -> list[tuple[str, object]]:
-    """{optim: {epochs: 15}} -> [("optim.epochs", 15)]."""
-    out = []
-    for k, v in changes.items():
-        out += _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
-    return out
 
 
 def format_table(results: dict) -> str:
@@ -196,7 +144,7 @@ def format_table(results: dict) -> str:
              "| wall time per run | beats zero-shot |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for key, r in results["rows"].items():
-        title = ROW_TITLES[key]
+        title = ROWS[key].title
         se = f"{r['test_acc_se']:.3f}" if "test_acc_se" in r else "-"
         if not r["runs"]:
             lines.append(f"| {title} | {r['test_acc_mean']:.3f} | {se} | - | - | - | (baseline) |")
@@ -205,13 +153,9 @@ def format_table(results: dict) -> str:
         beats = f"{sum(x['test_acc'] > zero for x in r['runs'])}/{len(r['runs'])}" if zero is not None else "-"
         wall = f"{r['wall_s_mean']:.0f} s" + (f" (+ {r['search_wall_s']:.0f} s search)" if "search_wall_s" in r else "")
         if "tuned" in r:
-            t = r["tuned"]
-            title += f" (lr {t['lr']:.2g}, freeze {t['freeze_depth']}" + (
-                f", crop scale {t['crop_min_scale']:g}" if "crop_min_scale" in t else "") + (
-                f", eval crop {t['eval_crop_size']}" if t.get("eval_crop_size") else "") + (
-                f", WiSE alpha {t['wise_alpha']:g}" if t.get("wise_alpha", 1) != 1 else "") + ")"
+            title += f" ({format_overrides(r['tuned'])})"
             if r.get("recipe"):
-                title += "; recipe " + ", ".join(f"{k}={v}" for k, v in _flat(r["recipe"]))
+                title += f"; recipe {format_overrides(r['recipe'])}"
         lines.append(f"| {title} | {r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f} | {se} | {seeds} | "
                      f"{r['epoch1_acc_mean']:.3f} ± {r['epoch1_acc_std']:.3f} | {wall} | {beats} |")
     return "\n".join(lines)

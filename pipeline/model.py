@@ -145,8 +145,9 @@ def build_model(arch: str, num_classes: int, source: SourceWeights | None = None
                 head.bias[target] = bias
     if head_init is not None:
         with torch.no_grad():
-            head.weight.copy_(torch.as_tensor(head_init["weight"]))
-            head.bias.copy_(torch.as_tensor(head_init["bias"]))
+            # copy_ takes any array-like; as_tensor would warn at the read-only arrays Ray's object store hands out.
+            head.weight.copy_(torch.tensor(head_init["weight"]))
+            head.bias.copy_(torch.tensor(head_init["bias"]))
     replace_head(model, arch, head)
     return model
 

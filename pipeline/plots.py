@@ -64,7 +64,7 @@ def trial_curves(trials: list[dict], metric: str = "val_acc", pick: str = "") ->
         epochs = list(range(1, len(curve) + 1))
         picked = t["trial"] == pick
         line, = ax.plot(epochs, curve, "-o", ms=3, alpha=1.0 if picked else 0.7, lw=3 if picked else 1,
-                        label=("pick: " if picked else "") + f"lr {t['lr']:.1e}, freeze {t['freeze_depth']}")
+                        label=("pick: " if picked else "") + _sample_label(t.get("overrides", {})))
         if t["stopped_early"]:
             ax.plot(epochs[-1], curve[-1], "x", ms=10, mew=2, color=line.get_color())
     ax.set_xlabel("epoch")
@@ -75,20 +75,28 @@ def trial_curves(trials: list[dict], metric: str = "val_acc", pick: str = "") ->
     return _png(fig)
 
 
-def lr_depth_scatter(trials: list[dict], metric: str = "val_acc", pick: str = "") -> bytes:
-    """The last value of metric over learning rate (log) x freeze depth; the pick ringed in red."""
+def _sample_label(sample: dict) -> str:
+    return ", ".join(f"{k.rsplit('.', 1)[-1]} {v:.2g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]} {v}"
+                     for k, v in sample.items())
+
+
+def sample_scatter(trials: list[dict], x: str, y: str, metric: str = "val_acc", pick: str = "") -> bytes:
+    """The last value of metric over two searched config paths (x on a log scale when it spans more
+    than a decade); the pick ringed in red."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    done = [t for t in trials if t.get(f"{metric}_curve")]
+    done = [t for t in trials if t.get(f"{metric}_curve") and {x, y} <= set(t.get("overrides", {}))]
     last = [t[f"{metric}_curve"][-1] for t in done]
-    sc = ax.scatter([t["lr"] for t in done], [t["freeze_depth"] for t in done], c=last,
+    xs, ys = [t["overrides"][x] for t in done], [t["overrides"][y] for t in done]
+    sc = ax.scatter(xs, ys, c=last,
                     s=[60 + 30 * len(t[f"{metric}_curve"]) for t in done],
                     cmap="viridis_r" if metric.endswith("loss") else "viridis", edgecolors="k")
-    for t in done:
+    for t, px, py in zip(done, xs, ys, strict=True):
         if t["trial"] == pick:
-            ax.scatter([t["lr"]], [t["freeze_depth"]], s=400, facecolors="none", edgecolors="r", linewidths=2)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("freeze depth")
+            ax.scatter([px], [py], s=400, facecolors="none", edgecolors="r", linewidths=2)
+    if xs and min(xs) > 0 and max(xs) > 10 * min(xs):
+        ax.set_xscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
     fig.colorbar(sc, label=f"last {metric.replace('_', ' ')} (size: epochs run; red ring: the pick)")
     ax.grid(True, alpha=0.3)
     return _png(fig)

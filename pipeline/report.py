@@ -24,19 +24,16 @@ def _num(value, spec: str) -> str:
     return format(value, spec) if ok else _text(value)
 
 
-def _pick_details(best: dict) -> str:
-    """The pick's crop scale, eval crop and WiSE-FT alpha."""
-    image_size = best.get("config", {}).get("data", {}).get("image_size", "")
-    parts = [f"crop scale {_num(best['crop_min_scale'], 'g')}" if "crop_min_scale" in best else "",
-             f"eval crop {_text(best['eval_crop_size'] or image_size)}" if "eval_crop_size" in best else "",
-             f"WiSE-FT alpha {_num(best['wise_alpha'], 'g')}" if "wise_alpha" in best else ""]
-    return "".join(f", {p}" for p in parts if p)
+def _pick(best: dict) -> str:
+    """The pick as the overrides that reproduce it, one `path = value` each."""
+    return ", ".join(f"<code>{_text(k)}</code> = {_num(v, '.3g') if isinstance(v, float) else _text(v)}"
+                     for k, v in best["overrides"].items())
 
 
 CAPTIONS = {
     "curves": "Each line is one trial, epoch by epoch. Look for the thick line (the pick) among the best at the "
               "last epoch, and for trials that ASHA stopped (x) because they trailed.",
-    "scatter": "Each disc is one trial at its learning rate and freeze depth, coloured by its last score. Look for "
+    "scatter": "Each disc is one trial at the first two values it sampled, coloured by its last score. Look for "
                "where the good colours cluster: that is the region worth searching more finely.",
 }
 
@@ -49,10 +46,14 @@ def _figures(trials: list, metric: str, pick: str) -> list[str]:
     drawn = [m for m in (metric, other) if any(t.get(f"{m}_curve") for t in trials)]
     if metric not in drawn:
         return []
+    paths = list(dict.fromkeys(p for t in trials for p in t.get("overrides", {})))
+    scatter = ([f"<h2>Last {name[metric]} over {_text(paths[0])} and {_text(paths[1])}</h2>",
+                f"<p>{CAPTIONS['scatter']}</p>",
+                _img(plots.sample_scatter(trials, paths[0], paths[1], metric, pick), "samples")]
+               if len(paths) >= 2 else [])
     return [f"<h2>{name[metric].capitalize()} of every trial (what the search picks on)</h2>",
             f"<p>{CAPTIONS['curves']}</p>", _img(plots.trial_curves(trials, metric, pick), "trial curves"),
-            f"<h2>Last {name[metric]} over learning rate and freeze depth</h2>",
-            f"<p>{CAPTIONS['scatter']}</p>", _img(plots.lr_depth_scatter(trials, metric, pick), "lr x freeze depth"),
+            *scatter,
             *([f"<h2>{name[other].capitalize()} of every trial</h2>",
                "<p>The same trials on the other score: a pick that also leads here is a pick both scores agree on.</p>",
                _img(plots.trial_curves(trials, other, pick), "trial curves, other score")] if other in drawn else [])]
@@ -72,8 +73,7 @@ def build_report(experiment: str) -> str:
         f"<h1>Search {_text(summary['experiment'])}</h1>",
         f"<p>{len(trials)} trials selected on {_text(summary['metric'])} (stratified validation split); "
         f"wall time {_num(summary['wall_time_s'], '.0f')} s.</p>",
-        f"<h2>Best trial</h2><p><b>{_text(best['trial'])}</b>: lr {_num(best['lr'], '.3g')}, freeze depth "
-        f"{_text(best['freeze_depth'])}, head x{_num(best['head_lr_mult'], 'g')}{_pick_details(best)}; "
+        f"<h2>Best trial</h2><p><b>{_text(best['trial'])}</b>: {_pick(best)}; "
         f"val acc {_num(best['val_acc'], '.3f')} (epoch {_text(best['epoch'])}); "
         + (f"<b>test acc {_num(best['test_acc'], '.3f')}</b> on {_text(best['test_images'])} images, "
            "evaluated once after the search." if tested else

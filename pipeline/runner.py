@@ -221,7 +221,8 @@ def with_light_cpu_claim(prep: Prepared, cfg: Config) -> Prepared:
 
 
 def worker_spec(cfg: Config, prep: Prepared, in_search: bool, eval_splits: tuple[str, ...], board) -> WorkerSpec:
-    reuse = cfg.model.reuse_classifier and prep.source_ref is not None
+    source = prep.source_ref if cfg.pretrained else None  # a row from scratch shares data, not weights
+    reuse = cfg.model.reuse_classifier and source is not None
     # Search trials (they evaluate on val) of a search that offers tune.wise_alphas score every alpha
     # each epoch and report the chosen one, so that ASHA and the checkpoint choice judge a trial by the
     # model it would be used as; with tune.select_tolerance they also report how far their weights
@@ -239,7 +240,7 @@ def worker_spec(cfg: Config, prep: Prepared, in_search: bool, eval_splits: tuple
         streamed_files={s: prep.splits[s].num_images for s in ("train", *eval_splits) if prep.splits[s].streaming},
         max_bad_fraction=cfg.data.max_bad_fraction, torch_threads=prep.res.torch_threads,
         alpha_rule=rule, keep_start_weights=keep,
-        source=prep.source_ref, reuse_rows=prep.reuse_rows if reuse else None,
+        source=source, reuse_rows=prep.reuse_rows if reuse else None,
         rest_bias=prep.rest_bias if reuse else None, probe_head=prep.probe_head if cfg.model.probe_init else None,
         board=board)
 

@@ -24,9 +24,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pipeline import data, plots, runstate, storage
-from pipeline.archs import ARCHS
-from pipeline.config import Config, with_changes
+from pipeline import console, data, plots, runstate, storage
+from pipeline.config import Config, with_changes, with_overrides
+from pipeline.config.overrides import is_distribution
 from pipeline.redact import redact_tree
 from pipeline.runner import (
     RUN_SECTIONS,
@@ -45,13 +45,15 @@ from pipeline.trial_table import TrialTable
 
 
 def search_space(cfg: Config) -> dict:
-    t = cfg.tune
-    depth = len(ARCHS[cfg.model.arch].stages) if t.max_freeze_depth < 0 else t.max_freeze_depth
-    space = {"lr": tune.loguniform(t.lr_min, t.lr_max), "freeze_depth": tune.randint(0, depth + 1)}
-    space["head_lr_mult"] = tune.choice(t.head_lr_mults) if len(t.head_lr_mults) > 1 else t.head_lr_mults[0]
-    if t.crop_min_scales:
-        space["crop_min_scale"] = tune.choice(t.crop_min_scales)
-    return space
+    """tune.space as Ray Tune's param_space: each trial's config is one sample of these overrides. Its
+    order is the YAML's, and the seeded generator draws in that order."""
+    def domain(value):
+        if not is_distribution(value):
+            return value
+        kind, args = next(iter(value.items()))
+        return tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
+
+    return {path: domain(value) for path, value in cfg.tune.space.items()}
 
 
 def concurrency(cfg: Config, cluster: dict) -> int:
@@ -64,19 +66,15 @@ def concurrency(cfg: Config, cluster: dict) -> int:
     return max(1, int(slots) // cfg.tune.workers_per_trial)
 
 
-def trial_config(base: dict, params: dict) -> Config:
-    cfg = Config.from_dict(base)
-    cfg.optim.lr, cfg.model.freeze_depth = float(params["lr"]), int(params["freeze_depth"])
-    cfg.optim.head_lr_mult = float(params["head_lr_mult"])
-    cfg.data.crop_min_scale = float(params.get("crop_min_scale", cfg.data.crop_min_scale))
-    cfg.scaling.workers = cfg.tune.workers_per_trial
-    return cfg
+def trial_base(cfg: Config) -> Config:
+    """What every trial's sample overrides: the search's config with a trial's worker count."""
+    return with_changes(cfg, {"scaling": {"workers": cfg.tune.workers_per_trial}})
 
 
 def _trial(params: dict, *, base: dict, prep: Prepared, fs, path: str) -> None:
     # fs comes from the driver, endpoint and keys inside: a trial may run on a node whose
-    # environment knows neither.
-    cfg = trial_config(base, params)
+    # environment knows neither. base already has the trial's worker count.
+    cfg = with_overrides(Config.from_dict(base), params)
     trainer = make_trainer(cfg, prep, name=tune.get_context().get_trial_id(), storage_path=path, fs=fs,
                            in_search=True, callbacks=[TuneReportCallback()])
     fit(trainer)
@@ -105,17 +103,14 @@ def trial_summary(result: tune.Result, cfg: Config) -> dict:
     elif accs:
         at = int(np.argmax([cfg.tune.goodness(s) for s in scores]))
     return {"trial": result.metrics.get("trial_id", result.path.rstrip("/").rsplit("/", 1)[-1]),
-            "lr": result.config["lr"], "freeze_depth": result.config["freeze_depth"],
-            "head_lr_mult": result.config["head_lr_mult"],
-            "crop_min_scale": result.config.get("crop_min_scale", cfg.data.crop_min_scale),
-            "epochs": len(accs), "best_val_acc": max(accs) if accs else None,
+            "overrides": dict(result.config), "epochs": len(accs), "best_val_acc": max(accs) if accs else None,
             "selected_epoch": None if at is None else at + 1,
             "val_acc": None if at is None else accs[at], "val_loss": None if at is None else losses[at],
             "wise_alpha": 1.0 if at is None else float(alphas[at]),
             f"{metric}_se": None if at is None else errors[at],
             "weight_distance": None if at is None else distances[at],
             "val_acc_curve": accs, "val_loss_curve": losses, "stopped_early": 0 < len(accs) < cfg.optim.epochs,
-            "worker_nodes": result.metrics.get("worker_nodes", []),
+            "worker_nodes": [n for n in result.metrics.get("worker_nodes", "").split(",") if n],
             "error": str(result.error) if result.error else ""}
 
 
@@ -216,7 +211,8 @@ def make_tuner(cfg: Config, prep: Prepared, name: str, n_parallel: int, fs, path
     """The search's Tuner: restored when this experiment already has state in storage, else new."""
     metric, mode = cfg.tune.objective()
     exp_dir = storage.join(cfg.run.storage, name)
-    trainable = tune.with_parameters(_trial, base=cfg.to_dict(), prep=prep, fs=fs, path=f"{path}/{name}/trials")
+    trainable = tune.with_parameters(_trial, base=trial_base(cfg).to_dict(), prep=prep, fs=fs,
+                                     path=f"{path}/{name}/trials")
     # The trial function only drives its TorchTrainer; the workers hold the CPUs (Tune refuses 0).
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
     exp_path = f"{path}/{name}"
@@ -241,7 +237,8 @@ def make_tuner(cfg: Config, prep: Prepared, name: str, n_parallel: int, fs, path
         # and storage, resumes from that trial's latest checkpoint.
         run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
-                                  callbacks=[TuneStateRecorder(fs, exp_path), TrialTable(cfg.optim.epochs)]))
+                                  callbacks=[TuneStateRecorder(fs, exp_path),
+                                             TrialTable(cfg.optim.epochs, list(cfg.tune.space))]))
     runstate.record_tune_state(fs, exp_path)  # tuner.pkl is written by now
     return tuner
 
@@ -258,16 +255,15 @@ def say_wise_alpha(metrics: dict, metric: str, alpha: float) -> None:
           + f" -> {alpha:g} (the smallest within {metrics.get('wise_alpha_margin', 0):.3f} of the best)", flush=True)
 
 
-def best_entry(best_trial: dict, best_cfg: Config, best_metrics: dict, top: dict, trial_margin: float,
-               eval_crops: dict, test: dict, checkpoint: str) -> dict:
-    """best.json's "best": the pick, the config that reproduces it, how it was chosen, its test score."""
-    return {"trial": best_trial["trial"], "config": best_cfg.to_dict(), "best_scoring_trial": top["trial"],
-            "trial_margin": trial_margin, "weight_distance": best_trial.get("weight_distance"),
-            "lr": best_trial["lr"], "freeze_depth": best_trial["freeze_depth"],
-            "head_lr_mult": best_trial["head_lr_mult"], "crop_min_scale": best_trial["crop_min_scale"],
-            "eval_crop_size": best_cfg.data.eval_crop_size,
+def best_entry(best_trial: dict, pick: dict, best_cfg: Config, best_metrics: dict, top: dict,
+               trial_margin: float, eval_crops: dict, test: dict, checkpoint: str) -> dict:
+    """best.json's "best": the pick as the overrides that reproduce it from the search's config (the
+    trial's sample, its WiSE-FT alpha and eval crop), the whole config, how it was chosen, its test score."""
+    return {"trial": best_trial["trial"], "overrides": pick, "config": best_cfg.to_dict(),
+            "best_scoring_trial": top["trial"], "trial_margin": trial_margin,
+            "weight_distance": best_trial.get("weight_distance"),
             "val_acc_by_eval_crop": eval_crops.get("val_acc", {}),
-            "val_loss_by_eval_crop": eval_crops.get("val_loss", {}), "wise_alpha": best_cfg.model.wise_alpha,
+            "val_loss_by_eval_crop": eval_crops.get("val_loss", {}),
             "val_acc_by_wise_alpha": best_metrics.get("val_acc_by_wise_alpha", {}),
             "val_loss_by_wise_alpha": best_metrics.get("val_loss_by_wise_alpha", {}),
             "wise_alpha_margin": best_metrics.get("wise_alpha_margin", 0.0),
@@ -295,6 +291,7 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     # Ray Tune copies AWS key variables into every trial's runtime env, so they leave the environment
     # for the search. The filesystem is built inside: pyarrow's AWS chain settles where it looks for
     # a key file when it is created.
+    console.quiet_tune()
     with storage.keys_held_in_a_private_file():
         fs, path = storage.resolve(cfg.run.storage)
         grid = make_tuner(cfg, prep, name, n_parallel, fs, path).fit()
@@ -305,14 +302,15 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     if best_trial is not trials[0]:
         say_pick(best_trial, trials[0], metric, trial_margin)
     best_ckpt, best_metrics = picked_checkpoint(cfg, f"{exp_path}/trials/{best_trial['trial']}", fs)
-    best_cfg = trial_config(cfg.to_dict(), best_trial)
     # The alpha was chosen with the checkpoint: the trial scored every alpha at every epoch.
-    best_cfg.model.wise_alpha = float(best_metrics.get("wise_alpha", best_cfg.model.wise_alpha))
+    pick = {**best_trial["overrides"], "model.wise_alpha": float(best_metrics.get("wise_alpha", cfg.model.wise_alpha))}
     if best_metrics.get(f"{metric}_by_wise_alpha"):
-        say_wise_alpha(best_metrics, metric, best_cfg.model.wise_alpha)
+        say_wise_alpha(best_metrics, metric, pick["model.wise_alpha"])
     eval_crops = {}
     if cfg.tune.eval_crop_sizes:
-        eval_crops, best_cfg.data.eval_crop_size = select_eval_crop(best_cfg, prep, best_ckpt)
+        eval_crops, pick["data.eval_crop_size"] = select_eval_crop(with_overrides(cfg, pick), prep, best_ckpt)
+    best_cfg = with_overrides(trial_base(cfg), pick)
+    if cfg.tune.eval_crop_sizes:
         if test_once or cfg.tune.retrain:  # test, decoded again at the chosen crop
             prep = with_eval_crop(prep, best_cfg, best_cfg.data.eval_crop_size, splits=("test",))
     test = (evaluate_checkpoint(best_ckpt, prep.splits["test"].dataset, prep.classes,  # the one use of test
@@ -320,7 +318,7 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
             if test_once else {"accuracy": None, "confusion": None, "images": 0, "misclassified": []})
     summary = {
         "experiment": exp_dir, "metric": metric, "classes": prep.classes,
-        "best": best_entry(best_trial, best_cfg, best_metrics, trials[0], trial_margin, eval_crops, test,
+        "best": best_entry(best_trial, pick, best_cfg, best_metrics, trials[0], trial_margin, eval_crops, test,
                            storage.s3_uri(cfg.run.storage, best_ckpt.path)),
         "trials": trials, "wall_time_s": time.perf_counter() - t_start,
     }
@@ -333,7 +331,7 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
         storage.write_bytes(storage.join(exp_dir, "misclassified.png"), plots.image_grid(
             [img for img, _, _ in test["misclassified"]],
             [f"{prep.classes[y]} -> {prep.classes[p]}" for _, y, p in test["misclassified"]]))
-    print_summary(summary, cfg, test_once)
+    print_summary(summary, test_once)
     return summary
 
 
@@ -347,7 +345,7 @@ def picked_checkpoint(cfg: Config, trial_path: str, fs) -> tuple:
     return max(train_run.best_checkpoints, key=lambda cm: cfg.tune.goodness(cm[1][metric]))
 
 
-def print_summary(summary: dict, cfg: Config, test_once: bool) -> None:
+def print_summary(summary: dict, test_once: bool) -> None:
     print(format_trials(summary["trials"]), flush=True)
     b = summary["best"]
     if "final" in summary:
@@ -356,30 +354,40 @@ def print_summary(summary: dict, cfg: Config, test_once: bool) -> None:
               f"{f['test_acc']:.3f}\nfinal checkpoint: {f['checkpoint']}", flush=True)
     tested = (f"test acc of the picked checkpoint: {b['test_acc']:.3f} on {b['test_images']} images "
               f"(test used once, after the search)" if test_once else "test set not read")
-    print(f"best trial {b['trial']}: lr {b['lr']:.3g}  freeze depth {b['freeze_depth']}  head x{b['head_lr_mult']:g}"
-          f"  crop scale {b['crop_min_scale']:g}-1  eval crop {b['eval_crop_size'] or cfg.data.image_size}"
-          f"  WiSE alpha {b['wise_alpha']:g}"
+    print(f"best trial {b['trial']}: {format_overrides(b['overrides'])}"
           f"  val acc {b['val_acc']:.3f}" + (f" loss {b['val_loss']:.3f}" if b["val_loss"] is not None else "")
           + f" (epoch {b['epoch']})\n{tested}\n"
           f"checkpoint: {b['checkpoint']}\nsummary: {storage.join(summary['experiment'], 'best.json')}\n"
           f"wall time {summary['wall_time_s']:.1f} s", flush=True)
 
 
+def format_value(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def format_overrides(overrides: dict) -> str:
+    """{"optim.lr": 0.00028, "model.freeze_depth": 2} -> "optim.lr=0.00028 model.freeze_depth=2"."""
+    return " ".join(f"{k}={format_value(v)}" for k, v in overrides.items())
+
+
 def format_trials(trials: list[dict]) -> str:
-    """The trial table; val acc / val loss / moved (weight distance from the start) are at the epoch
-    the search judged a trial by."""
-    lines = [f"{'trial':<34} {'lr':>9} {'freeze':>6} {'head x':>6} {'crop':>5} {'epochs':>6} {'best acc':>8} "
-             f"{'val acc':>7} {'loss':>6} {'alpha':>5} {'moved':>6}  status"]
+    """The trial table: a column per searched config path (headed by its field name), then the
+    scores; val acc / val loss / moved (weight distance from the start) are at the epoch the search
+    judged a trial by. best.json is storage content (`finetune report` formats it): a field may be missing."""
+    paths = list(dict.fromkeys(p for t in trials for p in t.get("overrides", {})))
+    widths = [max(9, len(p.rsplit(".", 1)[-1])) for p in paths]
+    lines = [f"{'trial':<34} " + "".join(f"{p.rsplit('.', 1)[-1]:>{w}} " for p, w in zip(paths, widths, strict=True))
+             + f"{'epochs':>6} {'best acc':>8} {'val acc':>7} {'loss':>6} {'alpha':>5} {'moved':>6}  status"]
     for t in trials:
+        sample = t.get("overrides", {})
         best = f"{t['best_val_acc']:.3f}" if t["best_val_acc"] is not None else "-"
-        # best.json is storage content (`finetune report` formats it): a field may be missing
-        crop = f"{t['crop_min_scale']:g}" if "crop_min_scale" in t else "-"
         acc = t.get("val_acc", t["best_val_acc"])
         acc = f"{acc:.3f}" if acc is not None else "-"
         loss = f"{t['val_loss']:.3f}" if t.get("val_loss") is not None else "-"
         alpha = t.get("wise_alpha", 1.0)
         moved = f"{t['weight_distance']:.3f}" if t.get("weight_distance") is not None else "-"
         status = "error" if t["error"] else ("stopped by ASHA" if t["stopped_early"] else "completed")
-        lines.append(f"{t['trial'][:34]:<34} {t['lr']:>9.2e} {t['freeze_depth']:>6} {t['head_lr_mult']:>6g} "
-                     f"{crop:>5} {t['epochs']:>6} {best:>8} {acc:>7} {loss:>6} {alpha:>5g} {moved:>6}  {status}")
+        lines.append(f"{t['trial'][:34]:<34} " + "".join(f"{format_value(sample.get(p, '-')):>{w}} "
+                                                           for p, w in zip(paths, widths, strict=True))
+                     + f"{t['epochs']:>6} {best:>8} {acc:>7} {loss:>6} {alpha:>5g} {moved:>6}  {status}")
     return "\n".join(lines)

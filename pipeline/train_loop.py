@@ -367,21 +367,23 @@ def train_loop_per_worker(loop_config: dict) -> list:
                        world_size=world, per_worker_batch=runner.local_batch,
                        lr=runner.optimizer.param_groups[0]["lr"], worker_nodes=nodes, attempt=len(starts) - 1)
         history.append(metrics)
+        # Reported as one string: Tune's TensorBoard logger warns at a list, and skips a string.
+        reported = {**metrics, "worker_nodes": ",".join(nodes)}
         problem = data.too_many_undecodable(streamed_bad, spec.streamed_files, spec.max_bad_fraction, epoch)
         if problem:
             # Every rank holds the same all-reduced counts, so all stop here together; the driver
             # raises it (a worker error would only be retried from the checkpoint, and fail again).
             metrics["data_error"] = problem  # in the history too: the driver reads it from the returned history
-            ray.train.report(metrics)
+            ray.train.report({**reported, "data_error": problem})
             break
         if rank != 0:
-            ray.train.report(metrics)
+            ray.train.report(reported)
             continue
         say(epoch_line(epoch, epochs, metrics, eval_shards))
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(tmp, {**runner.state_dict(), "epoch": epoch, "config": spec.config, "history": history,
                                   "starts": starts, "rng": torch.get_rng_state(), "classes": list(spec.classes),
                                   "mean": list(spec.mean), "std": list(spec.std), "arch": cfg.model.arch})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     poster.flush()
     return history

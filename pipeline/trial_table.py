@@ -1,4 +1,4 @@
-"""The live trial table of `finetune tune`: one row per trial (its lr and freeze depth, the epoch it
+"""The live trial table of `finetune tune`: one row per trial (its sampled values, the epoch it
 reached, its latest validation scores, its state), redrawn in place on a terminal; off a terminal,
 one line per trial report. Tune's controller runs in the driver, so this callback draws there."""
 
@@ -9,13 +9,13 @@ import time
 
 from ray import tune
 
-COLUMNS = f"{'trial':<18} {'lr':>9} {'freeze':>6} {'epoch':>7} {'val loss':>8} {'val acc':>7}  state"
-
 
 class TrialTable(tune.Callback):
-    def __init__(self, epochs: int, every_s: float = 0.5):
+    def __init__(self, epochs: int, paths: list[str], every_s: float = 0.5):
+        """paths: the searched config paths (tune.space), a column each, headed by the field's name."""
         # No stream held: Tune pickles its callbacks into tuner.pkl.
-        self.epochs, self.every_s = epochs, every_s
+        self.epochs, self.paths, self.every_s = epochs, paths, every_s
+        self.widths = [max(9, len(p.rsplit(".", 1)[-1])) for p in paths]
         self.rows: dict[str, dict] = {}
         self._drawn_lines, self._last_draw = 0, 0.0
 
@@ -28,19 +28,24 @@ class TrialTable(tune.Callback):
         return self.stream.isatty()
 
     def _row(self, trial) -> dict:
-        return self.rows.setdefault(trial.trial_id, {"lr": trial.config.get("lr"),
-                                                      "freeze": trial.config.get("freeze_depth"),
+        return self.rows.setdefault(trial.trial_id, {"sample": [trial.config.get(p) for p in self.paths],
                                                       "epoch": 0, "val_loss": None, "val_acc": None,
                                                       "state": "pending"})
 
+    @property
+    def header(self) -> str:
+        return (f"{'trial':<18} " + "".join(f"{p.rsplit('.', 1)[-1]:>{w}} " for p, w in zip(self.paths, self.widths,
+                                                                                          strict=True))
+                + f"{'epoch':>7} {'val loss':>8} {'val acc':>7}  state")
+
     def format_row(self, trial_id: str) -> str:
         r = self.rows[trial_id]
-        lr = f"{r['lr']:.2e}" if r["lr"] is not None else "-"
+        sample = "".join(f"{'-' if v is None else f'{v:.3g}' if isinstance(v, float) else v!s:>{w}} "
+                         for v, w in zip(r["sample"], self.widths, strict=True))
         loss = f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "-"
         acc = f"{r['val_acc']:.3f}" if r["val_acc"] is not None else "-"
-        freeze = "-" if r["freeze"] is None else r["freeze"]
         epoch = f"{r['epoch']}/{self.epochs}"
-        return f"{trial_id:<18} {lr:>9} {freeze!s:>6} {epoch:>7} {loss:>8} {acc:>7}  {r['state']}"
+        return f"{trial_id:<18} {sample}{epoch:>7} {loss:>8} {acc:>7}  {r['state']}"
 
     def _changed(self, trial, force: bool = False) -> None:
         if not self.live:
@@ -51,7 +56,7 @@ class TrialTable(tune.Callback):
             self._draw()
 
     def _draw(self) -> None:
-        lines = [COLUMNS, *(self.format_row(t) for t in self.rows)]
+        lines = [self.header, *(self.format_row(t) for t in self.rows)]
         # Back to the table's first line, then each line rewritten and the rest of it cleared.
         up = f"\x1b[{self._drawn_lines}F" if self._drawn_lines else ""
         self.stream.write(up + "".join(line + "\x1b[K\n" for line in lines))

@@ -9,9 +9,10 @@ import torch
 import torchvision
 
 from pipeline.archs import ARCHS
-from pipeline.config import Config, ConfigError, validate
-from pipeline.experiment import _summarize, format_table, row_config
+from pipeline.config import Config, ConfigError, validate, with_overrides
+from pipeline.experiment import _summarize, format_table, row_overrides
 from pipeline.model import SourceWeights, build_for_config, imagenet_categories, match_classes
+from pipeline.search import search_space
 from pipeline.train_loop import accuracy_standard_error
 from pipeline.zeroshot import rest_threshold, zero_shot_accuracy, zero_shot_predict
 
@@ -99,6 +100,10 @@ def test_rest_bias_goes_into_the_head():
     assert model.fc.bias[1] == 7.5 and torch.equal(model.fc.weight[0], source.state_dict["fc.weight"][934])
 
 
+def row_config(cfg: Config, row: str, seed: int, pick: dict | None = None) -> Config:
+    return with_overrides(cfg, row_overrides(cfg, row, seed, pick))
+
+
 def test_row_configs_change_only_what_the_row_says():
     base = Config()
     base.model.freeze_bn, base.optim.lr = True, 1e-3
@@ -109,21 +114,21 @@ def test_row_configs_change_only_what_the_row_says():
     scratch = row_config(base, "scratch", 0)
     assert (scratch.model.weights, scratch.model.freeze_bn, scratch.head_lr_mult) == ("none", False, 1.0)
     assert scratch.lr != base.lr
-    tuned = row_config(base, "finetune_tuned", 1, {"lr": 0.02, "freeze_depth": 3, "head_lr_mult": 10.0,
-                                                   "crop_min_scale": 0.5, "eval_crop_size": 256, "wise_alpha": 0.7})
+    tuned = row_config(base, "finetune_tuned", 1, {"optim.lr": 0.02, "model.freeze_depth": 3,
+                                                   "data.crop_min_scale": 0.5, "data.eval_crop_size": 256,
+                                                   "model.wise_alpha": 0.7})
     assert (tuned.lr, tuned.model.freeze_depth, tuned.data.crop_min_scale) == (0.02, 3, 0.5)
-    assert (tuned.data.eval_crop_size, tuned.model.wise_alpha) == (256, 0.7)
+    assert (tuned.data.eval_crop_size, tuned.model.wise_alpha, tuned.optim.seed) == (256, 0.7, 1)
 
 
 def test_tuned_recipe_applies_to_the_tuned_row_only():
     base = Config()
-    base.experiment.tuned_recipe = {"optim": {"epochs": 15, "schedule": "cosine"}, "data": {"batch_size": 32}}
+    base.experiment.tuned_recipe = {"optim.epochs": 15, "optim.schedule": "cosine", "data.batch_size": 32}
     validate(base)
     search_start = row_config(base, "finetune_tuned", 0)  # what the search starts from
     assert (search_start.optim.epochs, search_start.optim.schedule, search_start.data.batch_size) == (15, "cosine", 32)
     assert search_start.model.reuse_classifier and search_start.optim.lr is None
-    tuned = row_config(base, "finetune_tuned", 2, {"lr": 1e-4, "freeze_depth": 2, "head_lr_mult": 10.0,
-                                                   "crop_min_scale": 0.25, "eval_crop_size": 0, "wise_alpha": 1.0})
+    tuned = row_config(base, "finetune_tuned", 2, {"optim.lr": 1e-4, "model.freeze_depth": 2})
     assert (tuned.optim.epochs, tuned.data.batch_size, tuned.lr, tuned.optim.seed) == (15, 32, 1e-4, 2)
     for row in ("linear_probe", "finetune", "finetune_reuse", "scratch"):
         c = row_config(base, row, 0)
@@ -134,13 +139,13 @@ def test_tuned_recipe_applies_to_the_tuned_row_only():
 
 
 @pytest.mark.parametrize("recipe, needle", [
-    ({"optim": {"epochz": 15}}, "experiment.tuned_recipe.optim.epochz = 15: unknown field; valid: epochs"),
-    ({"optim": {"epochs": 0}}, "experiment.tuned_recipe.optim.epochs = 0: must be in 1..10000"),
-    ({"run": {"name": "x"}}, "experiment.tuned_recipe = {'run': {'name': 'x'}}: may change every section but"),
-    ({"data": {"resize_size": 288}}, "experiment.tuned_recipe.data = {'resize_size': 288}: may change only "
-                                     "auto_augment, batch_size, crop_min_scale, eval_flip"),
-    ({"model": {"arch": "resnet50"}}, "experiment.tuned_recipe.model = {'arch': 'resnet50'}: may change only "
-                                      "freeze_depth, probe_init"),
+    ({"optim.epochz": 15}, "experiment.tuned_recipe.optim.epochz = 15: unknown field; valid: epochs"),
+    ({"optim.epochs": 0}, "experiment.tuned_recipe.optim.epochs = 0: must be in 1..10000"),
+    ({"run.name": "x"}, "experiment.tuned_recipe.run.name = 'x': may change only the sections data, model, optim, "
+                        "scaling"),
+    ({"optim": {"epochs": 3}}, "experiment.tuned_recipe.optim = {'epochs': 3}: expected a value"),
+    ({"model.arch": "resnet5"}, "experiment.tuned_recipe.model.arch = 'resnet5': valid: resnet18"),
+    ({"epochs": 3}, "experiment.tuned_recipe.epochs = 3: may change only the sections"),
 ])
 def test_tuned_recipe_validated_with_the_field_named(recipe, needle):
     cfg = Config()
@@ -148,6 +153,39 @@ def test_tuned_recipe_validated_with_the_field_named(recipe, needle):
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("space, needle", [
+    ({"optim.lr": {"loguniform": [0, 1e-3]}}, "tune.space.optim.lr = {'loguniform': [0, 0.001]}: loguniform needs "
+                                              "lower > 0"),
+    ({"optim.lr": {"loguniform": [1e-3, 1e-4]}}, "takes [lower, upper] with lower < upper"),
+    ({"model.freeze_depth": {"randint": [0, 7]}}, "tune.space.model.freeze_depth = 6: must be in 0..5 for resnet18"),
+    ({"model.freeze_depth": {"randint": [0, 2.5]}}, "randint takes integers"),
+    ({"data.crop_min_scale": {"choice": [0.5, 1.5]}}, "tune.space.data.crop_min_scale = 1.5:"),
+    ({"data.crop_min_scale": {"choice": []}}, "choice takes a non-empty list"),
+    ({"optim.lr": {"normal": [0, 1]}}, "expected a value or a distribution (loguniform, uniform, randint, choice)"),
+    ({"tune.num_samples": 3}, "tune.space.tune.num_samples = 3: may change only the sections"),
+    ({"optim.lrr": {"loguniform": [1e-4, 1e-3]}}, "tune.space.optim.lrr = 0.0001: unknown field"),
+    ({}, "tune.space = {}: must name at least one config path"),
+])
+def test_search_space_validated_at_its_ends(space, needle):
+    cfg = Config()
+    cfg.tune.space = space
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert needle in str(e.value)
+
+
+def test_a_search_space_samples_overrides_that_validate():
+    cfg = Config()
+    cfg.tune.space = {"optim.lr": {"loguniform": [1e-4, 1e-2]}, "model.freeze_depth": {"randint": [0, 6]},
+                      "optim.head_lr_mult": 5.0, "data.auto_augment": {"choice": ["none", "ta_wide"]}}
+    validate(cfg)
+    assert list(search_space(cfg)) == list(cfg.tune.space)  # the order the seeded generator draws in
+    assert search_space(cfg)["optim.head_lr_mult"] == 5.0  # a fixed value is passed as is
+    picked = with_overrides(cfg, {"optim.lr": 1e-3, "model.freeze_depth": 5, "data.auto_augment": "ta_wide"})
+    assert (picked.lr, picked.model.freeze_depth, picked.data.auto_augment) == (1e-3, 5, "ta_wide")
+    assert cfg.optim.lr is None  # the config itself is unchanged
 
 
 def test_experiment_rows_validated():

@@ -13,12 +13,12 @@ from ray.train import Checkpoint
 
 from pipeline import data, storage
 from pipeline.cli import build_parser
-from pipeline.config import config_from_args
+from pipeline.config import config_from_args, with_overrides
 from pipeline.experiment import run_experiment
 from pipeline.inference import Classifier
 from pipeline.model import evaluated_weights
 from pipeline.probe import PENALTIES
-from pipeline.search import run_search
+from pipeline.search import run_search, trial_base
 from pipeline.train_loop import load_checkpoint
 from tests.secret_scan import credential_hits, held_secrets
 
@@ -30,8 +30,9 @@ def search(ray_local, s3, tiny_dataset, source_weights):
     """The experiment, its trials and checkpoints on the SeaweedFS S3 server."""
     cfg = config_from_args(build_parser().parse_args(
         ["tune", "--data", tiny_dataset, "--weights", source_weights, "--epochs", "3", "--num-samples", "4",
-         "--tune.lr_min", "1e-5", "--tune.lr_max", "3e-3", "--tune.max_freeze_depth", "3", "--tune.retrain",
-         "--tune.crop_min_scales", "0.25,0.5", "--tune.eval_crop_sizes", "0,56", "--tune.wise_alphas", "1,0.5",
+         "--tune.space", "{optim.lr: {loguniform: [1e-5, 3e-3]}, model.freeze_depth: {randint: [0, 4]}, "
+         "data.crop_min_scale: {choice: [0.25, 0.5]}}", "--tune.retrain",
+         "--tune.eval_crop_sizes", "0,56", "--tune.wise_alphas", "1,0.5",
          "--storage", "s3://runs/tune", "--name", "search", *SMALL]))
     return cfg, run_search(cfg)
 
@@ -76,7 +77,9 @@ def test_search_selects_on_validation_and_uses_test_once(search, tiny_dataset):
     cfg, summary = search
     trials = summary["trials"]
     assert len(trials) == 4 and all(not t["error"] for t in trials)
-    assert all(1e-5 <= t["lr"] <= 3e-3 and 0 <= t["freeze_depth"] <= 3 for t in trials)
+    samples = [t["overrides"] for t in trials]  # each trial's sample of tune.space, as overrides
+    assert all(list(s) == ["optim.lr", "model.freeze_depth", "data.crop_min_scale"] for s in samples)
+    assert all(1e-5 <= s["optim.lr"] <= 3e-3 and 0 <= s["model.freeze_depth"] <= 3 for s in samples)
     # Every stop is ASHA's (grace 1, reduction 2, max_t = epochs) on the reported val_loss curves
     # (tune.select_metric 'loss': lower is better, so the replay ranks the negated losses).
     # Whether a tiny search stops anything depends on how training went, so the test checks the
@@ -102,24 +105,27 @@ def test_search_selects_on_validation_and_uses_test_once(search, tiny_dataset):
     assert best["trial"] == picked["trial"] and best["val_loss"] == picked["val_loss"]
     assert best["weight_distance"] == picked["weight_distance"] > 0
     assert best["test_images"] == 24 and 0 <= best["test_acc"] <= 1
-    assert best["config"]["optim"]["lr"] == best["lr"]
-    assert all(t["crop_min_scale"] in (0.25, 0.5) for t in trials)
-    assert best["config"]["data"]["crop_min_scale"] == best["crop_min_scale"]
+    # The pick is the overrides that reproduce it: its trial's sample, its WiSE-FT alpha, its eval crop.
+    pick = best["overrides"]
+    assert list(pick) == ["optim.lr", "model.freeze_depth", "data.crop_min_scale", "model.wise_alpha",
+                          "data.eval_crop_size"]
+    assert {k: pick[k] for k in samples[0]} == picked["overrides"]
+    assert with_overrides(trial_base(cfg), pick).to_dict() == best["config"]
+    assert all(s["data.crop_min_scale"] in (0.25, 0.5) for s in samples)
     assert best["checkpoint"].startswith("s3://runs/tune/search/trials/")
     # The eval crop: chosen after the search on val by the pick's loss, ties to the first listed.
     losses = best["val_loss_by_eval_crop"]
     assert list(losses) == list(best["val_acc_by_eval_crop"]) == ["0", "56"]
-    assert best["eval_crop_size"] == int(min(losses, key=losses.get))
-    assert best["config"]["data"]["eval_crop_size"] == best["eval_crop_size"]
+    assert pick["data.eval_crop_size"] == int(min(losses, key=losses.get))
     # WiSE-FT's alpha: every trial scored each alpha every epoch and reported the smallest within one
     # standard error of the lowest loss, so the checkpoint and its alpha were chosen together; test is
     # scored with it.
     accs, losses = best["val_acc_by_wise_alpha"], best["val_loss_by_wise_alpha"]
     assert list(accs) == list(losses) == ["1", "0.5"]
     within = [a for a, loss in losses.items() if loss <= min(losses.values()) + best["wise_alpha_margin"]]
-    assert best["wise_alpha"] == min(map(float, within))
-    assert best["val_loss"] == losses[f"{best['wise_alpha']:g}"] and best["val_acc"] == accs[f"{best['wise_alpha']:g}"]
-    assert best["config"]["model"]["wise_alpha"] == best["wise_alpha"]
+    alpha = pick["model.wise_alpha"]
+    assert alpha == min(map(float, within))
+    assert best["val_loss"] == losses[f"{alpha:g}"] and best["val_acc"] == accs[f"{alpha:g}"]
     assert all(t["wise_alpha"] in (1.0, 0.5) for t in trials)
     # Those scores are the checkpoint's own: its weights interpolated as reported, on the val images.
     val_files = data.stratified_split(data.scan_image_folder(tiny_dataset), cfg.tune.val_fraction,
@@ -131,7 +137,7 @@ def test_search_selects_on_validation_and_uses_test_once(search, tiny_dataset):
         weights = evaluated_weights(state)
         moved = sum(float((weights[n].double() - w.double()).square().sum())
                     for n, w in state["start_weights"].items()) ** 0.5
-        assert best["weight_distance"] == pytest.approx(best["wise_alpha"] * moved, rel=1e-6)
+        assert best["weight_distance"] == pytest.approx(alpha * moved, rel=1e-6)
         for alpha, reported in accs.items():
             clf = Classifier(d, wise_alpha=float(alpha))
             probs = clf.probabilities(np.stack([clf.prepare(open(path, "rb").read()) for path, _ in val_files]))
@@ -205,7 +211,8 @@ def test_killed_search_resumes_with_the_same_command(ray_local, s3, tiny_dataset
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     args = [sys.executable, "-m", "pipeline.cli", "tune", "--data", tiny_dataset, "--weights", source_weights,
-            "--epochs", "2", "--num-samples", "2", "--tune.lr_max", "3e-3", "--storage", "s3://runs/resumed",
+            "--epochs", "2", "--num-samples", "2", "--tune.space", "{optim.lr: {loguniform: [1e-5, 3e-3]}}",
+            "--storage", "s3://runs/resumed",
             "--name", "killed", *SMALL]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True, env=env)
@@ -246,11 +253,12 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
         ["experiment", "--data", tiny_dataset, "--weights", source_weights, "--model.categories", str(categories),
          "--data.image_size", "48", "--data.resize_size", "56", "--batch-size", "16", "--freeze-bn",
          "--epochs", "2", "--seeds", "1", "--rows", "zero_shot,finetune_reuse,finetune_tuned",
-         "--num-samples", "2", "--tune.max_freeze_depth", "2", "--tune.crop_min_scales", "0.25,0.5",
+         "--num-samples", "2", "--tune.space", "{optim.lr: {loguniform: [1e-5, 1e-1]}, model.freeze_depth: "
+         "{randint: [0, 3]}, data.crop_min_scale: {choice: [0.25, 0.5]}}",
          "--tune.eval_crop_sizes", "56",  # one choice: the tuned row must evaluate on 56 px crops
          "--tune.wise_alphas", "0.5",  # and with WiSE-FT at 0.5
-         "--experiment.tuned_recipe", "{optim: {epochs: 3, schedule: cosine}, data: {batch_size: 8, eval_flip: true}, "
-         "model: {probe_init: true}}",
+         "--experiment.tuned_recipe", "{optim.epochs: 3, optim.schedule: cosine, data.batch_size: 8, "
+         "data.eval_flip: true, model.probe_init: true}",
          "--storage", "s3://runs/experiment", "--name", "exp"]))
     results = json.loads(json.dumps(run_experiment(cfg)).replace("s3://runs/experiment", str(tmp_path / "runs")))
     copy_files("runs/experiment/exp", str(tmp_path / "runs" / "exp"), source_filesystem=storage.resolve("s3://runs")[0])
@@ -259,8 +267,8 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
     assert results["reuse_rows"] == {"hotdog": 934} and 0 <= rows["zero_shot"]["test_acc_mean"] <= 1
     assert len(rows["finetune_reuse"]["runs"][0]["curve"]) == 2  # the base recipe
     tuned = rows["finetune_tuned"]
-    assert len(tuned["runs"][0]["curve"]) == 3 and tuned["tuned"]["crop_min_scale"] in (0.25, 0.5)
-    assert tuned["tuned"]["eval_crop_size"] == 56 and list(tuned["search_val_acc_by_eval_crop"]) == ["56"]
+    assert len(tuned["runs"][0]["curve"]) == 3 and tuned["tuned"]["data.crop_min_scale"] in (0.25, 0.5)
+    assert tuned["tuned"]["data.eval_crop_size"] == 56 and list(tuned["search_val_acc_by_eval_crop"]) == ["56"]
     state = load_checkpoint(tuned["runs"][0]["checkpoint"])
     assert state["config"]["data"]["eval_crop_size"] == 56 and state["config"]["model"]["wise_alpha"] == 0.5
     # The start weights travel in the checkpoint: the source's backbone and the linear-probe head

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from pipeline.archs import ARCHS
 from pipeline.config.fields import check, setting
+from pipeline.experiment_rows import ROWS
 from pipeline.transforms import AUTO_AUGMENTS
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -29,11 +30,7 @@ DEFAULT_SCRATCH_LR = 3e-3
 SELECT_EPOCHS = ("last", "best")
 SELECT_METRICS = ("loss", "accuracy")
 
-# What experiment.tuned_recipe may change in the sections that decide the shared data and weights.
-RECIPE_LIMITS = {"data": {"auto_augment", "batch_size", "crop_min_scale", "eval_flip"},
-                 "model": {"freeze_depth", "probe_init"}}
-
-EXPERIMENT_ROWS = ("zero_shot", "linear_probe", "finetune", "finetune_reuse", "finetune_tuned", "scratch")
+EXPERIMENT_ROWS = tuple(ROWS)
 
 
 @dataclass
@@ -284,11 +281,13 @@ class RunConfig:
 @dataclass
 class SearchConfig:
     num_samples: int = setting(8, "Tune trials to run.", flag="--num-samples")
-    lr_min: float = setting(1e-5, "Lower end of the log-uniform learning-rate range (mean-loss units).")
-    lr_max: float = setting(1e-1, "Upper end of the learning-rate range.")
-    max_freeze_depth: int = setting(-1, "Freeze depths searched: 0..this (-1: every stage, up to a linear probe).")
-    head_lr_mults: list = setting([10.0], "Head LR multipliers to choose from (one value: not searched).")
-    crop_min_scales: list = setting([], "data.crop_min_scale values to choose from (empty: not searched).")
+    space: dict = setting(
+        {"optim.lr": {"loguniform": [1e-5, 1e-1]}, "model.freeze_depth": {"randint": [0, 6]}},
+        "What the trials sample: dotted config paths (any field of data, model, optim, scaling) mapped to a "
+        "distribution, read as Ray Tune's function of that name ({loguniform: [lower, upper]}, {uniform: [lower, "
+        "upper]}, {randint: [lower, upper]}, upper excluded, or {choice: [values]}), or to a fixed value. Each "
+        "distribution's ends (each choice) must make a valid config. The default searches lr (mean-loss units) and "
+        "freeze depths 0..5 (resnet's stages, up to a linear probe; mobilenet_v2 has 8).")
     eval_crop_sizes: list[int] = setting([], "data.eval_crop_size values to choose from after the search, by the "
                                   "search's pick's tune.select_metric on the validation split (ties: the first "
                                   "listed). The eval crop does not change training, so it costs evaluations, not "
@@ -333,12 +332,6 @@ class SearchConfig:
     def validate(self) -> None:
         t = self
         check(t.num_samples >= 1, "tune.num_samples", t.num_samples, "must be >= 1")
-        check(0 < t.lr_min < t.lr_max < 10, "tune.lr_min", t.lr_min, f"must be in (0, tune.lr_max={t.lr_max})")
-        check(t.max_freeze_depth >= -1, "tune.max_freeze_depth", t.max_freeze_depth, "must be >= -1")
-        check(bool(t.head_lr_mults) and all(x > 0 for x in t.head_lr_mults), "tune.head_lr_mults",
-              t.head_lr_mults, "must be one or more positive numbers")
-        check(all(0 < x <= 1 for x in t.crop_min_scales), "tune.crop_min_scales", t.crop_min_scales,
-              "every value must be in (0, 1]")
         check(all(0 <= x <= 1 for x in t.wise_alphas), "tune.wise_alphas", t.wise_alphas,
               "every value must be in [0, 1]")
         check(0 <= t.select_tolerance <= 5, "tune.select_tolerance", t.select_tolerance,
@@ -359,9 +352,10 @@ class ExperimentConfig:
     seeds: int = setting(3, "Seeds per row (0..seeds-1): each trained row runs once per seed.", flag="--seeds")
     rows: str = setting(",".join(EXPERIMENT_ROWS), f"Comma-separated rows of the table, from: "
                       f"{', '.join(EXPERIMENT_ROWS)}.", flag="--rows")
-    tuned_recipe: dict = setting({}, "Config changes for the Tune-selected row only, its search and its training "
-                               "(sections as in this file, e.g. {optim: {epochs: 15, schedule: cosine}}): Tune "
-                               "picks lr and freeze depth for this recipe. Empty: the base recipe, as the other rows.")
+    tuned_recipe: dict = setting({}, "Overrides for the Tune-selected row only, its search and its training: dotted "
+                               "config paths of data, model, optim or scaling mapped to values, e.g. {optim.epochs: "
+                               "15, optim.schedule: cosine}. Tune picks what tune.space searches for this recipe. "
+                               "Empty: the base recipe, as the other rows.")
 
     def validate(self) -> None:
         e = self
@@ -369,11 +363,3 @@ class ExperimentConfig:
         bad_rows = [x for x in e.rows.split(",") if x.strip() not in EXPERIMENT_ROWS]
         check(bool(e.rows.strip()) and not bad_rows, "experiment.rows", e.rows,
               f"valid rows: {', '.join(EXPERIMENT_ROWS)}")
-        check(not ({"experiment", "run"} & set(e.tuned_recipe)), "experiment.tuned_recipe", e.tuned_recipe,
-              "may change every section but experiment and run")
-        # Every row shares the splits decoded once and the source weights loaded once: the recipe
-        # may not change how those are made.
-        for sec, allowed in RECIPE_LIMITS.items():
-            check(not set(e.tuned_recipe.get(sec) or {}) - allowed, f"experiment.tuned_recipe.{sec}",
-                  e.tuned_recipe.get(sec), f"may change only {', '.join(sorted(allowed))} (every row shares "
-                  "the decoded data and the source weights)")

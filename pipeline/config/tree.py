@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from pipeline.config.fields import ConfigError, check
+from pipeline.config.overrides import check_overrides, nested
 from pipeline.config.sections import (
     DEFAULT_FINETUNE_LR,
     DEFAULT_SCRATCH_LR,
@@ -56,8 +57,24 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def with_overrides(self, overrides: dict) -> Config:
+        """A copy with overrides ({"optim.lr": 1e-3, ...}) applied; self is unchanged."""
+        return with_changes(self, nested(overrides))
+
     def validate(self) -> Config:
-        """Check every value; raise ConfigError naming the first bad one. Returns self."""
+        """Check every value, tune.space and experiment.tuned_recipe included; raise ConfigError
+        naming the first bad one. Returns self."""
+        self.validate_fields()
+        check(bool(self.tune.space), "tune.space", self.tune.space, "must name at least one config path to search")
+        # The overrides are checked on the config they change, without its own overrides (no recursion).
+        plain = with_changes(self, {"tune": {"space": {}}, "experiment": {"tuned_recipe": {}}})
+        check_overrides(plain, self.tune.space, "tune.space", distributions=True)
+        check_overrides(plain, self.experiment.tuned_recipe, "experiment.tuned_recipe")
+        return self
+
+    def validate_fields(self) -> Config:
+        """Check every field, each section's own checks and those that span sections; the overrides
+        a config carries (tune.space, experiment.tuned_recipe) are checked by validate."""
         d, s, t = self.data, self.scaling, self.tune
         d.validate()
         s.validate()
@@ -76,12 +93,6 @@ class Config:
         check(d.batch_size % t.workers_per_trial == 0, "data.batch_size", d.batch_size,
               f"must be a multiple of tune.workers_per_trial ({t.workers_per_trial})")
         self.experiment.validate()
-        if self.experiment.tuned_recipe:
-            try:
-                with_changes(Config.from_dict({**self.to_dict(), "experiment": {}}),
-                             self.experiment.tuned_recipe).validate()
-            except ConfigError as err:  # named as the recipe's own field
-                raise ConfigError(f"experiment.tuned_recipe.{err.field_name}", err.value, err.allowed) from None
         return self
 
     @classmethod
@@ -179,6 +190,11 @@ def with_changes(cfg: Config, changes: dict) -> Config:
     out = Config.from_dict(cfg.to_dict())
     apply_dict(out, changes)
     return out
+
+
+def with_overrides(cfg: Config, overrides: dict) -> Config:
+    """A copy of cfg with a dotted {"section.field": value} mapping applied (cfg is unchanged)."""
+    return cfg.with_overrides(overrides)
 
 
 def load_yaml(path: str) -> dict:
