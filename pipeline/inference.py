@@ -47,3 +47,26 @@ class Classifier:
 
     def prepare(self, encoded: bytes) -> np.ndarray:
         return self.preset.eval(self.preset.decode(encoded))
+
+
+class Confusion:
+    """A confusion matrix (rows: true class, columns: predicted) summed batch by batch."""
+
+    def __init__(self, num_classes: int):
+        self.counts = np.zeros((num_classes, num_classes), dtype=int)
+
+    def add(self, labels: np.ndarray, predicted: np.ndarray) -> None:
+        np.add.at(self.counts, (labels, predicted), 1)
+
+    @property
+    def images(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.trace(self.counts) / max(self.images, 1))
+
+    def per_class_accuracy(self, classes: list[str]) -> dict:
+        """Each class's recall; None for a class with no images."""
+        return {c: float(self.counts[i, i] / self.counts[i].sum()) if self.counts[i].sum() else None
+                for i, c in enumerate(classes)}

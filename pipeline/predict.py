@@ -17,7 +17,7 @@ import ray.train
 import torch
 
 from pipeline import data, storage
-from pipeline.inference import Classifier
+from pipeline.inference import Classifier, Confusion
 from pipeline.runner import init_ray
 from pipeline.selection import chosen_checkpoint
 from pipeline.train_loop import CHECKPOINT_FILE
@@ -132,21 +132,20 @@ def evaluate(checkpoint_uri: str, dataset: str, split: str = "test", output: str
     decoded = data.decode_split(index, split, clf.preset, center_crop=True, max_bad_fraction=1.0)
     preds = decoded.dataset.map_batches(_Predictor, fn_constructor_kwargs={"checkpoint": ckpt},
                                         batch_size=batch_size, batch_format="numpy", **_actor_options(actors))
-    n = len(clf.classes)
-    conf = np.zeros((n, n), dtype=int)
+    conf = Confusion(len(clf.classes))
     for batch in preds.select_columns(["label_index", "pred_index"]).iter_batches(batch_format="numpy"):
-        np.add.at(conf, (batch["label_index"], batch["pred_index"]), 1)
-    per_class = {c: float(conf[i, i] / conf[i].sum()) if conf[i].sum() else None for i, c in enumerate(clf.classes)}
-    result = {"checkpoint": checkpoint_uri, "dataset": dataset, "split": split, "images": int(conf.sum()),
-              "skipped_images": len(decoded.bad_files), "accuracy": float(np.trace(conf) / max(conf.sum(), 1)),
-              "per_class_accuracy": per_class, "classes": clf.classes, "confusion": conf.tolist(),
+        conf.add(batch["label_index"], batch["pred_index"])
+    per_class = conf.per_class_accuracy(clf.classes)
+    result = {"checkpoint": checkpoint_uri, "dataset": dataset, "split": split, "images": conf.images,
+              "skipped_images": len(decoded.bad_files), "accuracy": conf.accuracy,
+              "per_class_accuracy": per_class, "classes": clf.classes, "confusion": conf.counts.tolist(),
               "epoch": clf.epoch, "wall_time_s": time.perf_counter() - t0}
     width = max(len(c) for c in clf.classes)
     lines = [f"{split} accuracy {result['accuracy']:.4f} on {result['images']} images "
              f"(checkpoint epoch {clf.epoch}; {result['skipped_images']} undecodable skipped)",
              "confusion (rows: true, columns: predicted):",
              " " * (width + 2) + " ".join(f"{c[:8]:>8}" for c in clf.classes)]
-    for c, row in zip(clf.classes, conf.tolist(), strict=True):
+    for c, row in zip(clf.classes, conf.counts.tolist(), strict=True):
         acc = f"{per_class[c]:.3f}" if per_class[c] is not None else "-"
         lines.append(f"{c:>{width}}  " + " ".join(f"{v:>8}" for v in row) + f"   acc {acc}")
     print("\n".join(lines), flush=True)

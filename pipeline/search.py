@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import threading
 import time
 
 import numpy as np
@@ -26,7 +27,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from pipeline import console, data, plots, runstate, storage
 from pipeline.config import Config, with_changes, with_overrides
-from pipeline.config.overrides import is_distribution
+from pipeline.config.overrides import distribution, is_distribution
 from pipeline.redact import redact_tree
 from pipeline.runner import (
     RUN_SECTIONS,
@@ -50,7 +51,7 @@ def search_space(cfg: Config) -> dict:
     def domain(value):
         if not is_distribution(value):
             return value
-        kind, args = next(iter(value.items()))
+        kind, args = distribution(value)
         return tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
 
     return {path: domain(value) for path, value in cfg.tune.space.items()}
@@ -125,18 +126,20 @@ def evaluate_checkpoint(checkpoint, dataset: ray.data.Dataset, classes: list[str
 
 
 def evaluate_classifier(clf, dataset: ray.data.Dataset, classes: list[str], keep_wrong: int = 16) -> dict:
+    from pipeline.inference import Confusion
+
     wrong: list[tuple] = []
-    conf = np.zeros((len(classes), len(classes)), dtype=int)
+    conf = Confusion(len(classes))
     loss_sum = 0.0
     for batch in dataset.iter_batches(batch_size=64, batch_format="numpy"):
         probs = clf.probabilities(batch["image"])
         pred = probs.argmax(1)
         loss_sum -= float(np.log(np.maximum(probs[np.arange(len(pred)), batch["label"]], 1e-12)).sum())
-        np.add.at(conf, (batch["label"], pred), 1)
+        conf.add(batch["label"], pred)
         for i in np.flatnonzero(pred != batch["label"])[:max(0, keep_wrong - len(wrong))]:
             wrong.append((batch["image"][i], int(batch["label"][i]), int(pred[i])))
-    return {"accuracy": float(np.trace(conf) / max(conf.sum(), 1)), "loss": loss_sum / max(conf.sum(), 1),
-            "confusion": conf.tolist(), "images": int(conf.sum()), "misclassified": wrong}
+    return {"accuracy": conf.accuracy, "loss": loss_sum / max(conf.images, 1), "confusion": conf.counts.tolist(),
+            "images": conf.images, "misclassified": wrong}
 
 
 def select_eval_crop(cfg: Config, prep: Prepared, checkpoint) -> tuple[dict, int]:
@@ -183,27 +186,39 @@ def retrain_on_train_val(cfg: Config, prep: Prepared, exp_path: str, fs) -> dict
 class TuneStateRecorder(tune.Callback):
     """Records the digests of Ray Tune's state files (runstate.record_tune_state) right after Tune
     saves them: Tune saves inside a controller step, before that step's callbacks run. It looks at
-    the folder at most every period_s, and rehashes only when a file changed."""
+    the folder at most every period_s, and rehashes only when a file changed. Looking and hashing
+    (on S3, a listing and a download) run on a thread of their own: Tune's controller waits for its
+    callbacks, and warns of any that takes over half a second."""
 
     def __init__(self, fs, exp_path: str, period_s: float = 0.5):
         self.fs, self.exp_path, self.period_s = fs, exp_path, period_s
-        self._last_look, self._seen = 0.0, None
+        self._last_look, self._seen, self._thread = 0.0, None, None
+
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks with its state; a thread does not pickle
+        return {**self.__dict__, "_thread": None}
 
     def _listing(self) -> list:
         return sorted((i.path, i.size, i.mtime_ns) for i in self.fs.get_file_info(
             pafs.FileSelector(self.exp_path, allow_not_found=True)) if i.type == pafs.FileType.File
             and i.path.rsplit("/", 1)[-1] not in runstate.OWN_FILES)
 
-    def on_step_end(self, iteration: int, trials: list, **info) -> None:
-        if time.monotonic() - self._last_look < self.period_s:
-            return
-        self._last_look = time.monotonic()
+    def _record_if_changed(self) -> None:
         seen = self._listing()
         if seen != self._seen:
             runstate.record_tune_state(self.fs, self.exp_path)
             self._seen = seen
 
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        busy = self._thread is not None and self._thread.is_alive()
+        if busy or time.monotonic() - self._last_look < self.period_s:
+            return
+        self._last_look = time.monotonic()
+        self._thread = threading.Thread(target=self._record_if_changed, name="tune-state-recorder", daemon=True)
+        self._thread.start()
+
     def on_experiment_end(self, trials: list, **info) -> None:
+        if self._thread is not None:
+            self._thread.join()
         runstate.record_tune_state(self.fs, self.exp_path)
 
 
@@ -366,8 +381,8 @@ def format_value(value) -> str:
 
 
 def format_overrides(overrides: dict) -> str:
-    """{"optim.lr": 0.00028, "model.freeze_depth": 2} -> "optim.lr=0.00028 model.freeze_depth=2"."""
-    return " ".join(f"{k}={format_value(v)}" for k, v in overrides.items())
+    """{"optim.lr": 0.00028, "model.freeze_depth": 2} -> "optim.lr=0.00028, model.freeze_depth=2"."""
+    return ", ".join(f"{k}={format_value(v)}" for k, v in overrides.items())
 
 
 def format_trials(trials: list[dict]) -> str:

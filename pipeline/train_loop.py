@@ -306,6 +306,12 @@ def epoch_line(epoch: int, epochs: int, metrics: dict, splits) -> str:
             + (f"  [{metrics['skipped_images']} undecodable images skipped]" if metrics["skipped_images"] else ""))
 
 
+def as_reported(metrics: dict) -> dict:
+    """An epoch's metrics as reported to Ray: worker_nodes joined into one string, because Tune's
+    TensorBoard logger warns at a list and skips a string."""
+    return {**metrics, "worker_nodes": ",".join(metrics["worker_nodes"])}
+
+
 def resume_point(runner: EpochRunner, say) -> tuple[list, int, list]:
     """(history, first epoch to run, starts) from Ray Train's latest checkpoint, loaded into runner;
     a fresh run's without one. Reports the last epoch again when there is none left to run. starts:
@@ -323,7 +329,7 @@ def resume_point(runner: EpochRunner, say) -> tuple[list, int, list]:
         if start_epoch > runner.cfg.optim.epochs:
             # A run that had already finished (its driver died before hearing so): its final epoch
             # again, so that whoever drives this run (a Tune trial) gets a result.
-            ray.train.report(history[-1])
+            ray.train.report(as_reported(history[-1]))
     return history, start_epoch, [*starts, {"epoch": start_epoch, "world_size": world, "unix": time.time()}]
 
 
@@ -367,8 +373,7 @@ def train_loop_per_worker(loop_config: dict) -> list:
                        world_size=world, per_worker_batch=runner.local_batch,
                        lr=runner.optimizer.param_groups[0]["lr"], worker_nodes=nodes, attempt=len(starts) - 1)
         history.append(metrics)
-        # Reported as one string: Tune's TensorBoard logger warns at a list, and skips a string.
-        reported = {**metrics, "worker_nodes": ",".join(nodes)}
+        reported = as_reported(metrics)
         problem = data.too_many_undecodable(streamed_bad, spec.streamed_files, spec.max_bad_fraction, epoch)
         if problem:
             # Every rank holds the same all-reduced counts, so all stop here together; the driver

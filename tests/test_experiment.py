@@ -178,11 +178,13 @@ def test_search_space_validated_at_its_ends(space, needle):
 
 def test_a_search_space_samples_overrides_that_validate():
     cfg = Config()
-    cfg.tune.space = {"optim.lr": {"loguniform": [1e-4, 1e-2]}, "model.freeze_depth": {"randint": [0, 6]},
+    # "1e-4": YAML 1.1 reads an exponent without a dot as a string; it is read as the number it spells.
+    cfg.tune.space = {"optim.lr": {"loguniform": ["1e-4", 1e-2]}, "model.freeze_depth": {"randint": [0, 6]},
                       "optim.head_lr_mult": 5.0, "data.auto_augment": {"choice": ["none", "ta_wide"]}}
     validate(cfg)
     assert list(search_space(cfg)) == list(cfg.tune.space)  # the order the seeded generator draws in
     assert search_space(cfg)["optim.head_lr_mult"] == 5.0  # a fixed value is passed as is
+    assert search_space(cfg)["optim.lr"].lower == 1e-4
     picked = with_overrides(cfg, {"optim.lr": 1e-3, "model.freeze_depth": 5, "data.auto_augment": "ta_wide"})
     assert (picked.lr, picked.model.freeze_depth, picked.data.auto_augment) == (1e-3, 5, "ta_wide")
     assert cfg.optim.lr is None  # the config itself is unchanged

@@ -119,7 +119,7 @@ def test_a_truncated_metrics_file_is_reported_and_other_runs_still_listed(capsys
 
 def hostile_summary(tmp_path) -> str:
     """A search folder whose best.json was written by someone else: markup and mathtext in every string."""
-    trial = {"trial": "<script>alert(1)</script>", "lr": 1e-3, "freeze_depth": 2, "head_lr_mult": 10.0,
+    trial = {"trial": "<script>alert(1)</script>", "overrides": {"optim.lr": 1e-3, "<i>model</i>.$\\foo$": "<b>2</b>"},
              "epochs": 2, "best_val_acc": 0.8, "val_acc_curve": [0.7, 0.8], "stopped_early": False, "error": False}
     best = {**trial, "val_acc": 0.8, "epoch": 2, "test_acc": 0.75, "test_images": 8,
             "checkpoint": "<img src=x onerror=alert(2)>", "test_confusion": [[3, 1], [1, 3]]}
@@ -135,7 +135,7 @@ def test_report_escapes_every_value_from_the_summary_and_draws_mathtext_names(ca
     folder = hostile_summary(tmp_path)
     assert main(["report", folder]) == 0
     page = open(os.path.join(folder, "report.html")).read()
-    for raw in ("<script>", "<img src=x", "<h1>owned", "val_acc<i>"):
+    for raw in ("<script>", "<img src=x", "<h1>owned", "val_acc<i>", "<i>model", "<b>2"):
         assert raw not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 

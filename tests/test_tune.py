@@ -181,7 +181,11 @@ def test_report_renders_in_headless_chromium(search, tmp_path):
     local.write_text(page)
     assert page.count("<img ") >= 3 and "test acc" in page
     best = search[1]["best"]
-    assert f"crop scale {best['crop_min_scale']:g}" in page and f"WiSE-FT alpha {best['wise_alpha']:g}" in page
+    # The pick as the overrides that reproduce it, each path with its value.
+    pick = best["overrides"]
+    assert all(f"<code>{path}</code> = {format(v, '.3g') if isinstance(v, float) else v}" in page
+               for path, v in pick.items()) and "data.crop_min_scale" in pick and "model.wise_alpha" in pick
+    assert "Last validation loss over optim.lr and model.freeze_depth" in page
     assert ("stopped by ASHA" in page) == any(t["stopped_early"] for t in search[1]["trials"])
     assert "Misclassified test images" in page
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -291,13 +295,14 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
     table = (tmp_path / "runs" / "exp" / "results.md").read_text()
     assert ("recipe optim.epochs=3, optim.schedule=cosine, data.batch_size=8, data.eval_flip=True, "
             "model.probe_init=True") in table
-    assert "eval crop 56, WiSE alpha 0.5" in table
+    assert "model.wise_alpha=0.5, data.eval_crop_size=56" in table  # the pick, as the overrides it is
     assert (tmp_path / "runs" / "exp" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Its search's report says test was not read there (the rows report it).
     from pipeline.report import build_report
 
     page = open(build_report(str(tmp_path / "runs" / "exp" / "tune"))).read()
-    assert "test set not read" in page and "confusion matrix" not in page and "WiSE-FT alpha 0.5" in page
+    assert "test set not read" in page and "confusion matrix" not in page
+    assert "<code>model.wise_alpha</code> = 0.5" in page
 
 
 def test_trials_rank_by_the_epoch_and_metric_the_search_judges():

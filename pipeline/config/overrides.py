@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 
 from pipeline.config.fields import ConfigError
 
@@ -39,13 +40,25 @@ def is_distribution(value) -> bool:
     return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in DISTRIBUTIONS
 
 
+_YAML_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def distribution(spec: dict) -> tuple[str, list]:
+    """(kind, arguments) of a distribution; YAML 1.1 reads 1e-5 (no dot) as a string, so such strings
+    are read as the numbers they spell."""
+    kind, args = next(iter(spec.items()))
+    if isinstance(args, list):
+        args = [float(x) if isinstance(x, str) and _YAML_FLOAT.match(x) else x for x in args]
+    return kind, args
+
+
 def _number(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _check_arguments(name: str, spec: dict) -> list:
     """The values a distribution reaches at its ends (each of a choice's), after checking its arguments."""
-    kind, args = next(iter(spec.items()))
+    kind, args = distribution(spec)
     if kind == "choice":
         if not isinstance(args, list) or not args:
             raise ConfigError(name, spec, "choice takes a non-empty list of values")
