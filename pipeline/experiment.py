@@ -25,8 +25,9 @@ from pipeline.runner import (
     with_light_cpu_claim,
     with_probe_head,
 )
-from pipeline.search import format_overrides, run_search
+from pipeline.search import run_search
 from pipeline.selection import accuracy_standard_error
+from pipeline.trial_table import format_overrides
 from pipeline.zeroshot import zero_shot_accuracy
 
 

@@ -6,7 +6,7 @@ import base64
 import html
 
 from pipeline import plots, storage
-from pipeline.search import format_trials
+from pipeline.trial_table import format_trials
 
 
 def _img(png: bytes, alt: str) -> str:

@@ -42,7 +42,7 @@ from pipeline.runner import (
     with_light_cpu_claim,
 )
 from pipeline.selection import pick_trial, rank_key
-from pipeline.trial_table import TrialTable
+from pipeline.trial_table import TrialTable, format_overrides, format_trials
 
 
 def search_space(cfg: Config) -> dict:
@@ -324,10 +324,9 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     eval_crops = {}
     if cfg.tune.eval_crop_sizes:
         eval_crops, pick["data.eval_crop_size"] = select_eval_crop(with_overrides(cfg, pick), prep, best_ckpt)
-    best_cfg = with_overrides(trial_base(cfg), pick)
-    if cfg.tune.eval_crop_sizes:
         if test_once or cfg.tune.retrain:  # test, decoded again at the chosen crop
-            prep = with_eval_crop(prep, best_cfg, best_cfg.data.eval_crop_size, splits=("test",))
+            prep = with_eval_crop(prep, cfg, pick["data.eval_crop_size"], splits=("test",))
+    best_cfg = with_overrides(trial_base(cfg), pick)
     test = (evaluate_checkpoint(best_ckpt, prep.splits["test"].dataset, prep.classes,  # the one use of test
                                 wise_alpha=best_cfg.model.wise_alpha)
             if test_once else {"accuracy": None, "confusion": None, "images": 0, "misclassified": []})
@@ -374,35 +373,3 @@ def print_summary(summary: dict, test_once: bool) -> None:
           + f" (epoch {b['epoch']})\n{tested}\n"
           f"checkpoint: {b['checkpoint']}\nsummary: {storage.join(summary['experiment'], 'best.json')}\n"
           f"wall time {summary['wall_time_s']:.1f} s", flush=True)
-
-
-def format_value(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def format_overrides(overrides: dict) -> str:
-    """{"optim.lr": 0.00028, "model.freeze_depth": 2} -> "optim.lr=0.00028, model.freeze_depth=2"."""
-    return ", ".join(f"{k}={format_value(v)}" for k, v in overrides.items())
-
-
-def format_trials(trials: list[dict]) -> str:
-    """The trial table: a column per searched config path (headed by its field name), then the
-    scores; val acc / val loss / moved (weight distance from the start) are at the epoch the search
-    judged a trial by. best.json is storage content (`finetune report` formats it): a field may be missing."""
-    paths = list(dict.fromkeys(p for t in trials for p in t.get("overrides", {})))
-    widths = [max(9, len(p.rsplit(".", 1)[-1])) for p in paths]
-    lines = [f"{'trial':<34} " + "".join(f"{p.rsplit('.', 1)[-1]:>{w}} " for p, w in zip(paths, widths, strict=True))
-             + f"{'epochs':>6} {'best acc':>8} {'val acc':>7} {'loss':>6} {'alpha':>5} {'moved':>6}  status"]
-    for t in trials:
-        sample = t.get("overrides", {})
-        best = f"{t['best_val_acc']:.3f}" if t["best_val_acc"] is not None else "-"
-        acc = t.get("val_acc", t["best_val_acc"])
-        acc = f"{acc:.3f}" if acc is not None else "-"
-        loss = f"{t['val_loss']:.3f}" if t.get("val_loss") is not None else "-"
-        alpha = t.get("wise_alpha", 1.0)
-        moved = f"{t['weight_distance']:.3f}" if t.get("weight_distance") is not None else "-"
-        status = "error" if t["error"] else ("stopped by ASHA" if t["stopped_early"] else "completed")
-        lines.append(f"{t['trial'][:34]:<34} " + "".join(f"{format_value(sample.get(p, '-')):>{w}} "
-                                                           for p, w in zip(paths, widths, strict=True))
-                     + f"{t['epochs']:>6} {best:>8} {acc:>7} {loss:>6} {alpha:>5g} {moved:>6}  {status}")
-    return "\n".join(lines)

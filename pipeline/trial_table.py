@@ -1,4 +1,4 @@
-"""The live trial table of `finetune tune`: one row per trial (its sampled values, the epoch it
+"""The trial tables of `finetune tune`. The live one: one row per trial (its sampled values, the epoch it
 reached, its latest validation scores, its state), redrawn in place on a terminal; off a terminal,
 one line per trial report. Tune's controller runs in the driver, so this callback draws there."""
 
@@ -85,3 +85,35 @@ class TrialTable(tune.Callback):
     def on_experiment_end(self, trials: list, **info) -> None:
         if self.live:
             self._draw()
+
+
+def format_value(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def format_overrides(overrides: dict) -> str:
+    """{"optim.lr": 0.00028, "model.freeze_depth": 2} -> "optim.lr=0.00028, model.freeze_depth=2"."""
+    return ", ".join(f"{k}={format_value(v)}" for k, v in overrides.items())
+
+
+def format_trials(trials: list[dict]) -> str:
+    """The trial table: a column per searched config path (headed by its field name), then the
+    scores; val acc / val loss / moved (weight distance from the start) are at the epoch the search
+    judged a trial by. best.json is storage content (`finetune report` formats it): a field may be missing."""
+    paths = list(dict.fromkeys(p for t in trials for p in t.get("overrides", {})))
+    widths = [max(9, len(p.rsplit(".", 1)[-1])) for p in paths]
+    lines = [f"{'trial':<34} " + "".join(f"{p.rsplit('.', 1)[-1]:>{w}} " for p, w in zip(paths, widths, strict=True))
+             + f"{'epochs':>6} {'best acc':>8} {'val acc':>7} {'loss':>6} {'alpha':>5} {'moved':>6}  status"]
+    for t in trials:
+        sample = t.get("overrides", {})
+        best = f"{t['best_val_acc']:.3f}" if t["best_val_acc"] is not None else "-"
+        acc = t.get("val_acc", t["best_val_acc"])
+        acc = f"{acc:.3f}" if acc is not None else "-"
+        loss = f"{t['val_loss']:.3f}" if t.get("val_loss") is not None else "-"
+        alpha = t.get("wise_alpha", 1.0)
+        moved = f"{t['weight_distance']:.3f}" if t.get("weight_distance") is not None else "-"
+        status = "error" if t["error"] else ("stopped by ASHA" if t["stopped_early"] else "completed")
+        lines.append(f"{t['trial'][:34]:<34} " + "".join(f"{format_value(sample.get(p, '-')):>{w}} "
+                                                           for p, w in zip(paths, widths, strict=True))
+                     + f"{t['epochs']:>6} {best:>8} {acc:>7} {loss:>6} {alpha:>5g} {moved:>6}  {status}")
+    return "\n".join(lines)
