@@ -59,7 +59,7 @@ def _train_row(cfg: Config, prep: Prepared, name: str, exp_path: str, fs) -> dic
             "checkpoint": storage.s3_uri(cfg.run.storage, result.checkpoint.path) if result.checkpoint else None}
 
 
-def _tuned_search(cfg: Config, row: str, seed: int, exp_dir: str) -> tuple[dict, dict]:
+def _row_search(cfg: Config, row: str, seed: int, exp_dir: str) -> tuple[dict, dict]:
     """The searched row's search (test unread), in <experiment>/tune: (its pick as overrides, the
     row's extra fields)."""
     search_cfg = with_changes(with_overrides(cfg, row_overrides(cfg, row, seed)),
@@ -108,7 +108,7 @@ def run_experiment(cfg: Config) -> dict:
                                         "test_acc_se": accuracy_standard_error(zero["test_acc"], zero["test_images"]),
                                         "wall_s_mean": 0.0, "note": "deterministic: one evaluation"}
             continue
-        pick, extra = _tuned_search(cfg, row, seeds[0], exp_dir) if ROWS[row].searched else (None, {})
+        pick, extra = _row_search(cfg, row, seeds[0], exp_dir) if ROWS[row].searched else (None, {})
         # A searched row may change anything (its recipe, its pick): it prepares its own data.
         row_prep = (with_light_cpu_claim(prepare(with_overrides(cfg, row_overrides(cfg, row, seeds[0], pick))), cfg)
                     if pick else prep)
