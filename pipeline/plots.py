@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: workers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 # Every text here comes from data (class folder names, trial ids): a name such as 'a$\\foo$b' is a
 # label, not mathtext for matplotlib to parse (and fail on).
@@ -33,6 +34,7 @@ def learning_curves(history: list[dict], title: str = "") -> bytes:
         ax.plot(epochs, [h["val_acc"] for h in history], "c:", label="val acc")
     ax.plot(epochs, [h["test_acc"] for h in history], "g-.", label="test acc")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_xlim(min(epochs) - 0.1 if epochs else 0, max(epochs) + 0.1 if epochs else 1)
     ax.grid(True, alpha=0.3)
     ax.legend()
@@ -68,6 +70,7 @@ def trial_curves(trials: list[dict], metric: str = "val_acc", pick: str = "") ->
         if t["stopped_early"]:
             ax.plot(epochs[-1], curve[-1], "x", ms=10, mew=2, color=line.get_color())
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_title("trials (thick: the pick; x: stopped early by ASHA)")
     ax.grid(True, alpha=0.3)
@@ -95,6 +98,11 @@ def sample_scatter(trials: list[dict], x: str, y: str, metric: str = "val_acc", 
             ax.scatter([px], [py], s=400, facecolors="none", edgecolors="r", linewidths=2)
     if xs and min(xs) > 0 and max(xs) > 10 * min(xs):
         ax.set_xscale("log")
+        # Log ticks are mathtext by default, and mathtext is off here (data-derived labels).
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    if all(isinstance(v, int) for v in ys):
+        ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     fig.colorbar(sc, label=f"last {metric.replace('_', ' ')} (size: epochs run; red ring: the pick)")
@@ -129,6 +137,7 @@ def experiment_curves(rows: dict[str, list[list[float]]], baseline: float | None
     if baseline is not None:
         ax.axhline(baseline, color="k", ls="--", lw=1, label=f"zero-shot ({baseline:.3f})")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_ylabel("test accuracy")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
