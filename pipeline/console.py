@@ -16,6 +16,8 @@ import threading
 import time
 
 VERBOSE_ENV = "RAY_FINETUNE_LOG"
+# The logger of Ray Train's placement-group cleaner, by name (nothing of it is imported).
+PLACEMENT_GROUP_CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 def verbose() -> bool:
@@ -43,6 +45,11 @@ def quiet_ray_worker() -> None:
     # The project turns Ray Data's progress bars off on purpose (the driver draws the run's progress),
     # and Ray Data says so with a warning from every process that iterates a dataset.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # Tune ends a search trial's actor once its TorchTrainer returns, and Ray Train's placement-group
+    # cleaner then removes that trainer's placement group and warns that the controller is dead: the
+    # normal end of every trial. Only that message goes; a failed cleanup still warns.
+    logging.getLogger(PLACEMENT_GROUP_CLEANER).addFilter(
+        lambda record: "is dead. Cleaning up placement group" not in record.getMessage())
 
 
 def ray_init_options() -> dict:
