@@ -21,6 +21,7 @@ from torch import nn
 from pipeline import data
 from pipeline.config import Config
 from pipeline.console import Poster, quiet_train_worker
+from pipeline.exit_gate import held, parked_at_exit
 from pipeline.model import (
     SourceWeights,
     WeightAverage,
@@ -164,7 +165,7 @@ class EpochRunner:
         # Sums kept on the device: no host sync per batch, one all-reduce per epoch.
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
         seen = 0
-        for batch in batches:
+        for batch in parked_at_exit(batches):
             if not self.first_batch_unix:
                 self.first_batch_unix = time.time()
             x, y = self.normalize(batch["image"]), batch["label"]
@@ -235,7 +236,7 @@ class EpochRunner:
         stats = torch.zeros(len(alphas), 4, dtype=torch.float64, device=self.device)
         with self.evaluated_model() as set_alpha:
             current, seen = None, 0
-            for batch in self._batches(shard) if shard is not None else ():
+            for batch in parked_at_exit(self._batches(shard) if shard is not None else ()):
                 x, y = self.normalize(batch["image"]), batch["label"]
                 for i, alpha in enumerate(alphas):
                     if alpha != current:
@@ -336,6 +337,11 @@ def resume_point(runner: EpochRunner, say) -> tuple[list, int, list]:
 def train_loop_per_worker(loop_config: dict) -> list:
     """Entry point on every worker: loop_config {"spec": WorkerSpec}. Returns the epoch history (rank
     0's is the run's)."""
+    with held():
+        return _train(loop_config)
+
+
+def _train(loop_config: dict) -> list:
     quiet_train_worker()
     spec: WorkerSpec = loop_config["spec"]
     cfg = Config.from_dict(spec.config)
