@@ -16,8 +16,14 @@ import threading
 import time
 
 VERBOSE_ENV = "RAY_FINETUNE_LOG"
-# The logger of Ray Train's placement-group cleaner, by name (nothing of it is imported).
+# The logger of Ray Train's placement-group cleaner, by name (nothing of it is imported), and its
+# warning at the normal end of every search trial.
 PLACEMENT_GROUP_CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+TRIAL_END_WARNING = "is dead. Cleaning up placement group"
+
+
+def _not_a_trial_end(record: logging.LogRecord) -> bool:
+    return TRIAL_END_WARNING not in record.getMessage()
 
 
 def verbose() -> bool:
@@ -48,8 +54,8 @@ def quiet_ray_worker() -> None:
     # Tune ends a search trial's actor once its TorchTrainer returns, and Ray Train's placement-group
     # cleaner then removes that trainer's placement group and warns that the controller is dead: the
     # normal end of every trial. Only that message goes; a failed cleanup still warns.
-    logging.getLogger(PLACEMENT_GROUP_CLEANER).addFilter(
-        lambda record: "is dead. Cleaning up placement group" not in record.getMessage())
+    # (One function, so that a process that runs this twice still holds one filter.)
+    logging.getLogger(PLACEMENT_GROUP_CLEANER).addFilter(_not_a_trial_end)
 
 
 def ray_init_options() -> dict:

@@ -14,6 +14,7 @@ from ray.train import Checkpoint
 from pipeline import data, storage
 from pipeline.cli import build_parser
 from pipeline.config import config_from_args, with_overrides
+from pipeline.console import TRIAL_END_WARNING
 from pipeline.experiment import run_experiment
 from pipeline.inference import Classifier
 from pipeline.model import evaluated_weights
@@ -234,8 +235,7 @@ def test_killed_search_resumes_with_the_same_command(ray_local, s3, tiny_dataset
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming the search" in second.stdout
     # The console shows the trial table, not Tune's own output or warnings a healthy search produces.
-    for noise in ("Configuration for experiment", "To visualize your results", "invalid value",
-                  "is dead. Cleaning up placement group"):
+    for noise in ("Configuration for experiment", "To visualize your results", "invalid value", TRIAL_END_WARNING):
         assert noise not in second.stdout + second.stderr, noise
     summary = json.loads(storage.read_bytes("s3://runs/resumed/killed/best.json"))
     assert len(summary["trials"]) == 2 and all(not t["error"] for t in summary["trials"])
