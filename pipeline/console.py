@@ -114,12 +114,16 @@ def new_board():
     """This driver's board, one per Ray job: the runs of one process (an experiment's rows) share it,
     and none waits for an actor process to start but the first."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     job = ray.get_runtime_context().get_job_id()
     if job in _boards:
         ray.get(_boards[job].take.remote())  # what an earlier run left unread is not this run's
     else:
-        _boards[job] = ray.remote(num_cpus=0)(ProgressBoard).remote()
+        # On the driver's own node: a lost worker node must not take the run's lines with it (the
+        # driver's node going is the end of the run anyway).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        _boards[job] = ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressBoard).remote()
     return _boards[job]
 
 

@@ -247,6 +247,28 @@ def test_multinode_elastic_run_goes_on_with_one_node_and_grows_back(cluster, mn_
           f"epoch {grown}")
 
 
+BOARD_PLACES = """
+import ray
+from pipeline import console
+ray.init()
+here = ray.get_runtime_context().get_node_id()
+places = []
+for _ in range(6):  # six boards, as six drivers would make them
+    console._boards.clear()
+    board = console.new_board()
+    places.append(ray.get(board.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())))
+print("BOARDS", sum(p == here for p in places), len(places))
+"""
+
+
+def test_multinode_the_progress_board_lives_on_the_drivers_node(cluster):
+    """Rank 0 posts the epoch lines to a board actor: one on a worker node would take the lines after a
+    lost node with it (the job's log would end at epoch 1 while the run goes on)."""
+    run = subprocess.run([sys.executable, "-c", BOARD_PLACES], cwd=REPO, env=cluster.driver_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert "BOARDS 6 6" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+
+
 def test_multinode_local_paths_the_nodes_cannot_see_are_refused_before_training(cluster, mn_data, tmp_path):
     """The driver runs in a mount namespace of its own with a private folder (tmpfs) that no node's
     processes see, not even the head's: on a real cluster, a disk of the machine the driver runs on."""
@@ -303,10 +325,18 @@ def submit(cluster: LocalCluster, job: str, *args: str) -> tuple[str, str]:
                                timeout=900)
     status = subprocess.run([RAY, "job", "status", sid, "--address", address], env=env, capture_output=True,
                             text=True)
-    logs = subprocess.run([RAY, "job", "logs", sid, "--address", address], env=env, capture_output=True,
-                          text=True).stdout
+    # `ray job submit` streams the job's logs as it runs; `ray job logs` is asked too, and again when it comes
+    # back empty (a dashboard that has just lost a node can answer its first request with nothing).
+    logs = ""
+    for _ in range(5):
+        asked = subprocess.run([RAY, "job", "logs", sid, "--address", address], env=env, capture_output=True,
+                               text=True)
+        logs = asked.stdout
+        if asked.returncode == 0 and logs.strip():
+            break
+        time.sleep(2)
     # A job that never started has no logs: what `ray job submit` itself said is the explanation.
-    said = f"submit exit {submitted.returncode}:\n{submitted.stdout[-3000:]}\n{submitted.stderr[-3000:]}\n"
+    said = f"submit exit {submitted.returncode}:\n{submitted.stdout}\n{submitted.stderr[-3000:]}\n"
     return status.stdout + status.stderr, said + logs
 
 
