@@ -21,24 +21,41 @@ def _job_config(args):
     return cfg
 
 
+def _begun(args, sections: tuple[str, ...], module: str):
+    """The job's config, begun (start.begin) while its module imports: the job's own begin() then
+    finds it begun."""
+    from pipeline import start
+
+    return start.begin(_job_config(args), sections, preload=(module,))
+
+
 def _train(args) -> int:
+    from pipeline import start
+
+    cfg = _begun(args, start.RUN_SECTIONS, "pipeline.runner")
     from pipeline.runner import run_training
 
-    run_training(_job_config(args))
+    run_training(cfg)
     return 0
 
 
 def _tune(args) -> int:
+    from pipeline import start
+
+    cfg = _begun(args, start.SEARCH_SECTIONS, "pipeline.search")
     from pipeline.search import run_search
 
-    run_search(_job_config(args))
+    run_search(cfg)
     return 0
 
 
 def _experiment(args) -> int:
+    from pipeline import start
+
+    cfg = _begun(args, start.EXPERIMENT_SECTIONS, "pipeline.experiment")
     from pipeline.experiment import run_experiment
 
-    run_experiment(_job_config(args))
+    run_experiment(cfg)
     return 0
 
 

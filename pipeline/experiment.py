@@ -16,17 +16,10 @@ from pipeline import plots, storage
 from pipeline.config import Config, with_changes, with_overrides
 from pipeline.experiment_rows import ROWS
 from pipeline.redact import redact_tree
-from pipeline.runner import (
-    Prepared,
-    begin,
-    fit_in_view,
-    prepare,
-    run_name,
-    with_light_cpu_claim,
-    with_probe_head,
-)
+from pipeline.runner import Prepared, fit_in_view, prepare, with_light_cpu_claim, with_probe_head
 from pipeline.search import run_search
 from pipeline.selection import accuracy_standard_error
+from pipeline.start import EXPERIMENT_SECTIONS, begin, run_name
 from pipeline.trial_table import format_overrides
 from pipeline.zeroshot import zero_shot_accuracy
 
@@ -84,7 +77,7 @@ def run_experiment(cfg: Config) -> dict:
     exp_dir = storage.join(cfg.run.storage, name)
     rows = [r.strip() for r in cfg.experiment.rows.split(",")]
     seeds = list(range(cfg.experiment.seeds))
-    cfg = begin(cfg, ())
+    cfg = begin(cfg, EXPERIMENT_SECTIONS)
     print(f"experiment: {exp_dir}\nrows: {', '.join(rows)} | seeds {seeds}", flush=True)
     prep = with_light_cpu_claim(prepare(cfg), cfg)  # rows and the search's trials run back to back
     fs, path = storage.resolve(cfg.run.storage)

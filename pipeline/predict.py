@@ -18,8 +18,8 @@ import torch
 
 from pipeline import data, storage
 from pipeline.inference import Classifier, Confusion
-from pipeline.runner import init_ray
 from pipeline.selection import chosen_checkpoint
+from pipeline.start import init_ray
 from pipeline.train_loop import CHECKPOINT_FILE
 from pipeline.transforms import IMAGE_EXTENSIONS
 

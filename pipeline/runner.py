@@ -20,57 +20,14 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from pipeline import console, data, plots, runstate, selection, storage
-from pipeline.cluster import check_local_paths
-from pipeline.config import Config, describe, with_changes
+from pipeline import console, data, plots, runstate, selection, start, storage
+from pipeline.config import Config
 from pipeline.model import load_source_weights, match_classes
-from pipeline.resources import Resources, auto_workers, plan_resources, worker_count, worker_malloc_env
-from pipeline.train_loop import train_loop_per_worker
+from pipeline.resources import Resources, plan_resources, worker_count, worker_malloc_env
+from pipeline.start import begin, run_name
 from pipeline.transforms import ImagePreset
+from pipeline.worker_main import train_loop_per_worker
 from pipeline.worker_spec import WorkerSpec
-
-
-def init_ray(address: str = "") -> None:
-    """Join the cluster at address, or the one of a `ray job submit` (RAY_ADDRESS), or start a local
-    Ray; every command that needs Ray starts it here (a Ray already started in this process is kept)."""
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if not ray.is_initialized():
-        if address is None:
-            # A local in-process Ray is never drained or preempted: Ray Train's preemption watcher
-            # would be one more actor process to start (seconds of CPU) before the first step.
-            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        with console.quiet_ray_start():
-            ray.init(address=address, log_to_driver=True, configure_logging=False, **console.ray_init_options())
-    ctx = ray.data.DataContext.get_current()
-    # The driver draws the run's progress (console.ProgressView); Ray Data's bars would draw beside it.
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-
-
-# What a plain run reads; its checkpoints hold the whole tree.
-RUN_SECTIONS = ("data", "model", "optim", "scaling", "run")
-
-
-def begin(cfg: Config, sections: tuple[str, ...] = RUN_SECTIONS) -> Config:
-    """What every job does first: print the resolved config (the sections it reads), check its
-    storage, start Ray. Returns the config with the cluster-dependent defaults settled (a new one:
-    cfg is never changed)."""
-    print(describe(cfg, sections), flush=True)
-    # Object storage problems surface here in seconds, before Ray or any data work.
-    storage.preflight(cfg.run.storage, write=True)
-    storage.preflight(cfg.data.path, write=False)
-    init_ray(cfg.run.ray_address)
-    check_local_paths(cfg.data.path, cfg.run.storage)
-    cluster = ray.cluster_resources()
-    if cfg.scaling.workers == 0:
-        cfg = with_changes(cfg, {"scaling": {"workers": auto_workers(cfg, cluster)}})
-    print(f"cluster: {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs | workers={cfg.scaling.workers} "
-          f"(per-worker batch {cfg.data.batch_size // cfg.scaling.workers})", flush=True)
-    return cfg
-
-
-def run_name(cfg: Config) -> str:
-    return cfg.run.name or f"{cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 @dataclass
@@ -340,13 +297,28 @@ def storage_failure(error: BaseException) -> str:
     return ""
 
 
-def _train(cfg: Config, name: str, run_dir: str, index: data.ImageFolderIndex) -> ray.train.Result:
+def _train(cfg: Config, name: str, run_dir: str, index: data.ImageFolderIndex,
+           clock: start.StartupClock) -> ray.train.Result:
     prep = prepare(cfg, val_fraction=cfg.data.val_fraction, index=index)
-    if cfg.data.preview_images:
-        storage.write_bytes(storage.join(run_dir, "preview.png"),
-                            _preview(prep.splits["train"], prep.preset, prep.classes, cfg.data.preview_images))
+    clock.mark("data decoded")
     fs, storage_path = storage.resolve(cfg.run.storage)
-    return fit_in_view(cfg, prep, name=name, storage_path=storage_path, fs=fs)
+    # The preview is drawn while Ray Train starts its processes, not before.
+    with ThreadPoolExecutor(1) as pool:
+        preview = pool.submit(_write_preview, cfg, prep, run_dir) if cfg.data.preview_images else None
+        clock.mark("trainer started")
+        result = fit_in_view(cfg, prep, name=name, storage_path=storage_path, fs=fs)
+        if preview is not None:
+            preview.result()
+    return result
+
+
+def _write_preview(cfg: Config, prep: Prepared, run_dir: str) -> None:
+    storage.write_bytes(storage.join(run_dir, "preview.png"),
+                        _preview(prep.splits["train"], prep.preset, prep.classes, cfg.data.preview_images))
+
+
+WORKER_STAGES = {"worker_start_unix": "worker up", "model_ready_unix": "model built",
+                 "first_batch_unix": "first batch", "first_step_unix": "first step"}
 
 
 def run_training(cfg: Config) -> TrainOutcome:
@@ -362,8 +334,12 @@ def run_training(cfg: Config) -> TrainOutcome:
     with runstate.Lease(run_dir):
         if not resuming:
             storage.write_bytes(storage.join(run_dir, runstate.IDENTITY), json.dumps(ident, indent=1).encode())
-        result = _train(cfg, name, run_dir, index)
+        clock = start.StartupClock(start.COMMAND_START_UNIX)
+        clock.mark("Ray + imports", start.RAY_READY_UNIX)
+        result = _train(cfg, name, run_dir, index, clock)
     history = result.return_value or []
+    for key, stage in WORKER_STAGES.items():  # this attempt's (a resumed run's first epochs ran before)
+        clock.mark(stage, history[-1].get(key, 0.0) if history else 0.0)
     model_ckpt = selection.chosen_checkpoint(result)
     model = selection.chosen_metrics(history)
     _write_artifacts(run_dir, history, f"{cfg.model.arch} on {os.path.basename(cfg.data.path.rstrip('/'))}")
@@ -374,6 +350,7 @@ def run_training(cfg: Config) -> TrainOutcome:
     print(f"model: epoch {model['epoch']}, {why}\n"
           f"test acc {model['test_acc']:.3f} on {model['test_images']} images (reported; never used to choose)"
           f"  train acc {model['train_acc']:.3f}  loss {model['train_loss']:.3f}\ncheckpoint: {model_path}\n"
-          f"run folder: {run_dir}  (metrics.csv, metrics.json, curves.png, preview.png)\nwall time {wall:.1f} s",
+          f"run folder: {run_dir}  (metrics.csv, metrics.json, curves.png, preview.png)\n{clock.line()}\n"
+          f"wall time {wall:.1f} s",
           flush=True)
     return TrainOutcome(run_dir, history, model, model_path, wall)

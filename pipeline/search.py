@@ -29,19 +29,9 @@ from pipeline import console, data, plots, runstate, storage
 from pipeline.config import Config, with_changes, with_overrides
 from pipeline.config.overrides import distribution, is_distribution
 from pipeline.redact import redact_tree
-from pipeline.runner import (
-    RUN_SECTIONS,
-    Prepared,
-    begin,
-    fit,
-    fit_in_view,
-    make_trainer,
-    prepare,
-    run_name,
-    with_eval_crop,
-    with_light_cpu_claim,
-)
+from pipeline.runner import Prepared, fit, fit_in_view, make_trainer, prepare, with_eval_crop, with_light_cpu_claim
 from pipeline.selection import pick_trial, rank_key
+from pipeline.start import SEARCH_SECTIONS, begin, run_name
 from pipeline.trial_table import TrialTable, format_overrides, format_trials
 
 
@@ -293,7 +283,7 @@ def run_search(cfg: Config, test_once: bool = True) -> dict:
     metric, mode = cfg.tune.objective()
     name = cfg.run.name or run_name(cfg).replace(cfg.model.arch, f"tune-{cfg.model.arch}", 1)
     exp_dir = storage.join(cfg.run.storage, name)
-    cfg = begin(cfg, (*RUN_SECTIONS, "tune"))
+    cfg = begin(cfg, SEARCH_SECTIONS)
     cluster = ray.cluster_resources()
     n_parallel = concurrency(cfg, cluster)
     # Each trial gets its share of the CPUs: planning with the concurrent workers of all trials.

@@ -21,7 +21,7 @@ from torch import nn
 from pipeline import data
 from pipeline.config import Config
 from pipeline.console import Poster, quiet_train_worker
-from pipeline.exit_gate import held, parked_at_exit
+from pipeline.exit_gate import parked_at_exit
 from pipeline.model import (
     SourceWeights,
     WeightAverage,
@@ -113,7 +113,7 @@ class EpochPrefetcher:
 class EpochRunner:
     """One worker's model, optimizer and loops; state_dict() is what a checkpoint holds."""
 
-    def __init__(self, cfg: Config, spec: WorkerSpec, source: SourceWeights | None):
+    def __init__(self, cfg: Config, spec: WorkerSpec, source: SourceWeights | None, started_unix: float = 0.0):
         self.cfg = cfg
         self.device = ray.train.torch.get_device()
         # The global batch is the config's whatever the world size (an elastic group shrinks and
@@ -138,9 +138,10 @@ class EpochRunner:
         self.start_weights = trainable_weights(self.raw_model) if spec.keep_start_weights else None
         half_life_steps = cfg.optim.ema_half_life * self.steps_per_epoch
         self.average = WeightAverage(self.raw_model, half_life_steps) if half_life_steps else None
-        # Wall-clock times (start-up benchmarks): the first batch in hand, i.e. training begins,
-        # and the first optimizer step done (one step later: seconds on a CPU).
-        self.first_batch_unix = self.first_step_unix = 0.0
+        # Wall-clock start-up marks (runner.WORKER_STAGES): the worker's start, its model built, the
+        # first batch in hand (training begins) and the first optimizer step done.
+        self.startup = {"worker_start_unix": started_unix, "model_ready_unix": time.time(),
+                        "first_batch_unix": 0.0, "first_step_unix": 0.0}
 
     def _batches(self, shard, shuffle_seed: int | None = None):
         # The buffer mixes rows across several blocks: SGD needs class-mixed batches. It fills
@@ -166,8 +167,7 @@ class EpochRunner:
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
         seen = 0
         for batch in parked_at_exit(batches):
-            if not self.first_batch_unix:
-                self.first_batch_unix = time.time()
+            self.startup["first_batch_unix"] = self.startup["first_batch_unix"] or time.time()
             x, y = self.normalize(batch["image"]), batch["label"]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 logits = self.model(x)
@@ -178,8 +178,7 @@ class EpochRunner:
             self.scheduler.step()
             if self.average is not None:
                 self.average.update(self.raw_model)
-            if not self.first_step_unix:
-                self.first_step_unix = time.time()
+            self.startup["first_step_unix"] = self.startup["first_step_unix"] or time.time()
             stats += torch.stack([loss_sum.double(), (logits.argmax(1) == y).sum().double(),
                                   torch.tensor(y.numel(), dtype=torch.float64, device=self.device)])
             seen += y.numel()
@@ -334,14 +333,10 @@ def resume_point(runner: EpochRunner, say) -> tuple[list, int, list]:
     return history, start_epoch, [*starts, {"epoch": start_epoch, "world_size": world, "unix": time.time()}]
 
 
-def train_loop_per_worker(loop_config: dict) -> list:
-    """Entry point on every worker: loop_config {"spec": WorkerSpec}. Returns the epoch history (rank
-    0's is the run's)."""
-    with held():
-        return _train(loop_config)
-
-
-def _train(loop_config: dict) -> list:
+def run_worker(loop_config: dict) -> list:
+    """A training worker's run (worker_main.train_loop_per_worker): loop_config {"spec": WorkerSpec}.
+    Returns the epoch history (rank 0's is the run's)."""
+    started_unix = time.time()
     quiet_train_worker()
     spec: WorkerSpec = loop_config["spec"]
     cfg = Config.from_dict(spec.config)
@@ -350,7 +345,7 @@ def _train(loop_config: dict) -> list:
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
     torch.manual_seed(cfg.optim.seed)  # same head init on every rank (DDP also broadcasts it)
-    runner = EpochRunner(cfg, spec, ray.get(spec.source) if spec.source is not None else None)
+    runner = EpochRunner(cfg, spec, ray.get(spec.source) if spec.source is not None else None, started_unix)
     poster = Poster(spec.board if rank == 0 else None)
     say = poster.say if rank == 0 else (lambda line: None)
     if runner.average is not None:
@@ -373,8 +368,7 @@ def _train(loop_config: dict) -> list:
                                                                         spec.eval_images[split])))
         streamed_bad = data.undecodable_this_epoch(spec.streamed_files, metrics, world)
         metrics.update(epoch=epoch, examples_per_sec=metrics["train_images"] / train_s,
-                       first_batch_unix=runner.first_batch_unix, first_step_unix=runner.first_step_unix,
-                       epoch_time_s=time.perf_counter() - t0,
+                       **runner.startup, epoch_time_s=time.perf_counter() - t0,
                        skipped_images=sum(streamed_bad.values()) if streamed_bad else spec.skipped_images,
                        world_size=world, per_worker_batch=runner.local_batch,
                        lr=runner.optimizer.param_groups[0]["lr"], worker_nodes=nodes, attempt=len(starts) - 1)

@@ -40,7 +40,7 @@ def test_node_types_autoscale_from_zero_with_an_instance_role_and_no_keys():
 def test_default_scaling_fits_the_gpu_node_types(tmp_path):
     """Default workers (0 = from the cluster) give one DDP worker per GPU of either node type, and
     the global batch splits evenly; a Tune trial fits one 1-GPU node."""
-    from pipeline.runner import auto_workers
+    from pipeline.resources import auto_workers
 
     gpus = {"g5.2xlarge": 1, "g5.12xlarge": 4}
     cfg = Config()

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 
+from pipeline.bench import startup_stages
 from tests.conftest import REPO
 
 # What Ray prints in a healthy run when its logs reach the console.
@@ -61,6 +62,9 @@ def test_train_on_a_terminal_shows_progress_and_no_ray_logs(tiny_dataset, source
     lines = [line.rsplit("\r", 1)[-1] for line in out.replace("\r\n", "\n").split("\n")]  # as the terminal shows
     assert not [n for n in RAY_NOISE if n in out], out[-4000:]
     assert "cluster: " in out and "data: 2 classes" in out and "run folder: " in out
+    # Where the start-up went, every stage of it (the command line began Ray while importing the job).
+    assert list(startup_stages(out)) == ["Ray + imports", "data decoded", "trainer started", "worker up", "model built",
+                                         "first batch", "first step"], out[-3000:]
     # One line per epoch, from the driver (not one per rank, no Ray prefix).
     assert [sum(line.startswith(f"epoch {e}/2  loss") for line in lines) for e in (1, 2)] == [1, 1], out[-3000:]
     # The live bars: redrawn in place (carriage returns), train and test phases, rate and time left.
