@@ -20,6 +20,6 @@ python3 -c "import torch, torchvision, ray; print('torch', torch.__version__, 't
 # A weights file to fine-tune from (no download possible here; throughput does not depend on the values).
 python3 -c "import torch, torchvision; torch.save(torchvision.models.resnet18().state_dict(), '$WORK/resnet18_init.pth')"
 python3 -m pipeline.cli bench --gpu --generate "$PER_CLASS" --size 224 --arch resnet18 --batch-size "$BATCH" \
-  --workers 1 --epochs 2 --weights "$WORK/resnet18_init.pth" --work-dir "$WORK" --skip peer,memory,tune \
+  --workers 1 --epochs 2 --weights "$WORK/resnet18_init.pth" --work-dir "$WORK" --skip peer,scaling,tune \
   2>&1 | grep -v "Reporting training result" | tee "$OUT/bench_gpu.log"
 cp "$WORK/bench.json" "$OUT/bench_gpu.json"

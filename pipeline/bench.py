@@ -6,7 +6,8 @@
              (epochs after the first) and with the first epoch; start-up to the first step
   peer       the seed's recipe: torchvision ImageFolder + DataLoader, the same transforms, fp32
   ingest     images/s delivered to a loop that computes nothing: Ray Data vs DataLoader
-  memory     peak PSS of the whole process tree + shared (object store) pages, 2k vs 20k images
+  scaling    1 epoch on 2k, 20k and 100k generated 256 px JPEGs, decoded once (cache) and streamed:
+             seconds per 1k images, peak PSS of the whole process tree, object store, spilled bytes
   tune       8 short trials in one search vs 8 x one trial's time
 
 Every measurement that runs the pipeline runs it as a subprocess, exactly as a user would, so
@@ -19,6 +20,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -49,10 +51,10 @@ class BenchConfig:
     epochs: int = 3
     gpu: bool = False
     peer_batches: int = 8
-    memory_sizes: list = field(default_factory=lambda: [2000, 20000])
+    scaling_sizes: list = field(default_factory=lambda: [2000, 20000, 100000])
     tune_trials: int = 8
     work_dir: str = ""
-    skip: list = field(default_factory=list)  # sections to leave out: ceiling, pipeline, peer, ingest, memory, tune
+    skip: list = field(default_factory=list)  # sections to leave out: ceiling, pipeline, peer, ingest, scaling, tune
 
 
 # ---------------------------------------------------------------- helpers
@@ -216,6 +218,61 @@ def pipeline_run(data: str, workers: int, epochs: int, storage: str, extra: list
             "wall_s": r["wall_s"], "test_acc": history[-1]["test_acc"], "peak_pss_mb": r["peak_pss_mb"]}
 
 
+# The scaling runs measure the data path's cost, so the model is small: ResNet-18 at 64 px trains
+# faster than 2 cores decode 256 px JPEGs, and 100k images take minutes rather than an hour.
+SCALING_RUN = ["--arch", "resnet18", "--weights", "none", "--data.image_size", "64", "--data.resize_size", "72",
+               "--epochs", "1", "--data.preview_images", "0"]
+SCALING_TEST_PER_CLASS = 50
+
+
+def scaling(work: str, sizes: list[int], storage: str, batch: int) -> dict:
+    """Per dataset size: one epoch decoded once (cache) and streamed, and what data.cache_decoded auto
+    would choose for these images at the default 224 px preset on this machine's local Ray."""
+    from pipeline import data
+    from pipeline.config import Config
+    from pipeline.transforms import ImagePreset
+
+    preset = ImagePreset.from_data_config(Config().to_dict()["data"])
+    store = local_object_store_bytes()
+    out: dict = {"object_store_bytes": store}
+    for n in sizes:
+        root = generate_images(os.path.join(work, f"gen-{n}"), n // 2, 256, test_per_class=SCALING_TEST_PER_CLASS)
+        need = data.decoded_bytes(n, preset, False) + data.decoded_bytes(2 * SCALING_TEST_PER_CLASS, preset, True)
+        out[str(n)] = {"auto_224px": "cache" if data.keeps_decoded_copy("auto", need, store) else "stream",
+                       **{mode: scaling_run(root, mode, storage, batch) for mode in ("cache", "stream")}}
+    return out
+
+
+def local_object_store_bytes() -> float:
+    """The object store a local Ray gets on this machine (what `finetune train` starts)."""
+    code = "import ray; ray.init(); print('STORE', ray.cluster_resources()['object_store_memory'])"
+    r = run_command([PY, "-c", code], marker="STORE")
+    return float(r["output"].rsplit("STORE ", 1)[1].split()[0])
+
+
+def scaling_run(root: str, mode: str, storage: str, batch: int) -> dict:
+    """One epoch of `finetune train` with the decoded copy kept (cache) or not (stream), in a Ray
+    temp folder of its own, whose spill folder is watched."""
+    name = f"bench-scale-{mode}-{int(time.time())}"
+    ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    try:
+        r = run_command([PY, "-m", "pipeline.cli", "train", "--data", root, "--storage", storage, "--name", name,
+                         "--batch-size", str(batch), *SCALING_RUN,
+                         "--data.cache_decoded", {"cache": "always", "stream": "never"}[mode]],
+                        sample_every=MEMORY_SAMPLE_S, env={**os.environ, "RAY_TMPDIR": ray_tmp}, spill_dir=ray_tmp)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    with open(os.path.join(storage, name, "metrics.json")) as fh:
+        first = json.load(fh)[0]
+    decoded = re.search(r"decoded in ([\d.]+) s", r["output"])
+    decode_s = float(decoded[1]) if decoded else 0.0
+    train_s = first["train_images"] / first["examples_per_sec"]
+    return {"images": first["train_images"], "decode_s": decode_s, "train_s": train_s,
+            "s_per_1k_images": 1000 * (decode_s + train_s) / first["train_images"], "wall_s": r["wall_s"],
+            "peak_pss_mb": r["peak_pss_mb"], "peak_object_store_mb": r["peak_shm_mb"],
+            "peak_spilled_mb": r["peak_spilled_mb"]}
+
+
 def startup_stages(output: str) -> dict[str, float]:
     """The run's own start-up line (runner: start.StartupClock) as {stage: seconds after the command}."""
     line = next((ln for ln in output.splitlines() if ln.startswith(STARTUP_LINE)), "")
@@ -260,8 +317,7 @@ def run_bench(b: BenchConfig) -> dict:
                                                       loader_workers=threads)}),
         ("ingest", lambda: {"ray_data": ray_ingest(data, b.batch_size, 3, "cache"),
                             "dataloader": dataloader_ingest(data, b.batch_size)}),
-        ("memory", lambda: {str(n): ray_ingest(generate_images(os.path.join(work, f"gen-{n}"), n // 2, 256),
-                                               b.batch_size, 1, "stream") for n in b.memory_sizes}),
+        ("scaling", lambda: scaling(work, b.scaling_sizes, storage, b.batch_size)),
         ("tune", lambda: tune_overhead(b.data and generate_images(os.path.join(work, "gen-tune"), 48, 64,
                                                                   test_per_class=16) or data,
                                        storage, b.tune_trials, ["--arch", b.arch, "--weights", "none", *small])),
@@ -329,21 +385,35 @@ def summarize(out: dict) -> list[tuple[str, str, str]]:
                      f"{rd[0]:.0f} / {np.mean(rd[1:]):.0f} img/s",
                      f"later = {np.mean(rd[1:]) / steady:.1f}x training (target >= 5)" if steady else ""))
         rows.append(("ingest, DataLoader: epoch 1 / epoch 2", f"{dl[0]:.0f} / {dl[1]:.0f} img/s", ""))
-    mem = out.get("memory")
-    if mem:
-        sizes = sorted(mem, key=int)
-        for n in sizes:
-            rows.append((f"memory, {int(n):,} images streamed: peak PSS / object store",
-                         f"{mem[n]['peak_pss_mb']:.0f} / {mem[n]['peak_shm_mb']:.0f} MB",
-                         f"{mem[n]['rates'][0]:.0f} img/s"))
-        if len(sizes) > 1:
-            a, z = mem[sizes[0]]["peak_pss_mb"], mem[sizes[-1]]["peak_pss_mb"]
-            rows.append(("memory growth, largest vs smallest", f"{(z / a - 1) * 100:+.1f} %", "target within 10 %"))
+    rows += scaling_rows(out.get("scaling"))
     tune = out.get("tune")
     if tune:
         rows.append((f"tune: {tune['trials']} trials vs {tune['trials']} x one trial",
                      f"{tune['search_s']:.0f} s vs {tune['trials'] * tune['one_trial_s']:.0f} s",
                      f"{tune['ratio_to_sequential']:.2f} x sequential"))
+    return rows
+
+
+def scaling_rows(scale: dict | None) -> list[tuple[str, str, str]]:
+    if not scale:
+        return []
+    rows = []
+    sizes = sorted((k for k in scale if k.isdigit()), key=int)
+    for n in sizes:
+        c, s = scale[n]["cache"], scale[n]["stream"]
+        rows.append((f"scaling, {int(n):,} images, cache / stream: s per 1k images",
+                     f"{c['s_per_1k_images']:.1f} / {s['s_per_1k_images']:.1f} s",
+                     f"peak PSS {c['peak_pss_mb']:.0f} / {s['peak_pss_mb']:.0f} MB, object store "
+                     f"{c['peak_object_store_mb']:.0f} / {s['peak_object_store_mb']:.0f} MB, spilled "
+                     f"{c['peak_spilled_mb']:.0f} / {s['peak_spilled_mb']:.0f} MB; "
+                     f"auto at 224 px: {scale[n]['auto_224px']}"))
+    if len(sizes) > 1:
+        for mode in ("cache", "stream"):
+            per_1k = [scale[n][mode]["s_per_1k_images"] for n in sizes]
+            spread = (max(per_1k) / min(per_1k) - 1) * 100
+            a, z = scale[sizes[-2]][mode]["peak_pss_mb"], scale[sizes[-1]][mode]["peak_pss_mb"]
+            rows.append((f"scaling, {mode}: s per 1k images, max vs min / peak PSS, {int(sizes[-1]):,} vs "
+                         f"{int(sizes[-2]):,}", f"{spread:+.1f} / {(z / a - 1) * 100:+.1f} %", "targets within 15 %"))
     return rows
 
 
@@ -366,7 +436,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", default="1,2", help="worker counts for the pipeline runs (default: 1,2)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--gpu", action="store_true", help="the ceiling on the GPU (the pipeline uses GPUs when present)")
-    p.add_argument("--memory-sizes", default="2000,20000")
+    p.add_argument("--scaling-sizes", default="2000,20000,100000", help="generated dataset sizes (scaling section)")
     p.add_argument("--tune-trials", type=int, default=8)
     p.add_argument("--work-dir", default="", help="generated data, runs and bench.json (default: a temp dir)")
     p.add_argument("--skip", default="", help="comma-separated sections to leave out")
@@ -374,7 +444,7 @@ def main(argv=None) -> int:
     run_bench(BenchConfig(data=a.data, gen_per_class=a.generate, gen_size=a.size, arch=a.arch, weights=a.weights,
                           batch_size=a.batch_size,
                           workers=[int(x) for x in a.workers.split(",")], epochs=a.epochs, gpu=a.gpu,
-                          memory_sizes=[int(x) for x in a.memory_sizes.split(",") if x],
+                          scaling_sizes=[int(x) for x in a.scaling_sizes.split(",") if x],
                           tune_trials=a.tune_trials, work_dir=a.work_dir,
                           skip=[x for x in a.skip.split(",") if x]))
     return 0

@@ -226,6 +226,12 @@ def _decoded(items: list, fs, preset: ImagePreset, center_crop: bool, task_cpus:
                           fn_kwargs={"filesystem": fs, "preset": preset, "center_crop": center_crop})
 
 
+def keeps_decoded_copy(mode: str, need: int, object_store: float) -> bool:
+    """data.cache_decoded: whether the splits are decoded once and kept (need: their decoded bytes),
+    or streamed. auto keeps them when they fill at most half the object store."""
+    return mode == "always" or (mode == "auto" and need <= object_store / 2)
+
+
 def decoded_bytes(num_images: int, preset: ImagePreset, center_crop: bool) -> int:
     """Estimated object-store size of a decoded split (4:3 images, shorter side resize_size)."""
     side = preset.eval_size ** 2 if center_crop else preset.resize_size ** 2 * 4 // 3

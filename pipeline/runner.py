@@ -102,7 +102,7 @@ def prepare(cfg: Config, val_fraction: float = 0.0, index: data.ImageFolderIndex
     preset = ImagePreset.from_data_config(cfg.to_dict()["data"])
     need = sum(data.decoded_bytes(len(f), preset, split != "train") for split, f in index.files.items())
     store = ray.cluster_resources().get("object_store_memory", 0)
-    cache = cfg.data.cache_decoded == "always" or (cfg.data.cache_decoded == "auto" and need <= store / 2)
+    cache = data.keeps_decoded_copy(cfg.data.cache_decoded, need, store)
     # All splits decode at once: one Ray Data execution per split, run side by side, so the
     # small eval split does not wait for train to finish (or the other way round).
     with ThreadPoolExecutor(len(index.files)) as pool:
