@@ -9,6 +9,9 @@ import subprocess
 import threading
 import time
 
+THROUGHPUT_SAMPLE_S = 5.0  # memory sampling period while throughput is measured (see run_command)
+MEMORY_SAMPLE_S = 0.5  # ... and in the runs that measure memory
+
 
 def process_tree(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}

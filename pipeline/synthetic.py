@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 
 import numpy as np
@@ -36,3 +37,25 @@ def make_image_folder(root: str, train_per_class: int = 24, test_per_class: int 
             for i in range(n):
                 make_image(label % 2, size, rng).save(os.path.join(d, f"{i:05d}.{ext}"), fmt, quality=90)
     return root
+
+
+def generate_images(root: str, per_class: int, size: int, test_per_class: int = 0) -> str:
+    """A generated 2-class ImageFolder of size x size JPEGs, written in parallel; reused if present."""
+    marker = os.path.join(root, ".complete")
+    if os.path.exists(marker):
+        return root
+    jobs = [(root, split, label, start, min(start + 500, n), size)
+            for split, n in (("train", per_class), ("test", test_per_class)) if n
+            for label in (0, 1) for start in range(0, n, 500)]
+    with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
+        pool.starmap(_write_chunk, jobs)
+    open(marker, "w").close()
+    return root
+
+
+def _write_chunk(root, split, label, start, stop, size):
+    rng = np.random.default_rng([label, start, size, split == "train"])
+    d = os.path.join(root, split, ("hotdog", "not-hotdog")[label])
+    os.makedirs(d, exist_ok=True)
+    for i in range(start, stop):
+        make_image(label, size, rng).save(os.path.join(d, f"{i:06d}.jpg"), "JPEG", quality=90)
