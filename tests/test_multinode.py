@@ -217,11 +217,16 @@ def lose_a_node_mid_epoch(cluster: LocalCluster, s3: LocalS3, prefix: str, ended
     return killed
 
 
+# Enough epochs after the node comes back for the group to grow again: an epoch on one node can take
+# under 3 s, and growing (a resize check, a new worker process, the resume) takes longer than one.
+ELASTIC_EPOCHS = 10
+
+
 def test_multinode_elastic_run_goes_on_with_one_node_and_grows_back(cluster, mn_data, mn_s3, tmp_path):
     log = str(tmp_path / "driver.log")
     proc = start_finetune(cluster, log, "train", *TWO_NODE_RUN, "--data", mn_data["s3"], "--storage",
-                          "s3://runs/mn", "--name", "elastic", "--epochs", "5", "--scaling.min_workers", "1",
-                          "--scaling.resize_interval_s", "2", "--run.max_failures", "3")
+                          "s3://runs/mn", "--name", "elastic", "--epochs", str(ELASTIC_EPOCHS),
+                          "--scaling.min_workers", "1", "--scaling.resize_interval_s", "2", "--run.max_failures", "3")
     wait_for(lambda: checkpoints(mn_s3, "mn/elastic/"), 300, "the first checkpoint", proc, log)
     time.sleep(2)
     killed = cluster.remove_worker(cluster.workers[-1])
@@ -230,14 +235,14 @@ def test_multinode_elastic_run_goes_on_with_one_node_and_grows_back(cluster, mn_
     cluster.workers.append(cluster.add_worker())
     assert proc.wait(timeout=600) == 0, open(log).read()[-5000:]
     history = json.loads(read_object(mn_s3, "runs", "mn/elastic/metrics.json"))
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+    assert [h["epoch"] for h in history] == list(range(1, ELASTIC_EPOCHS + 1))
     _, state = load_state(mn_s3, checkpoints(mn_s3, "mn/elastic/")[-1], str(tmp_path / "final"))
     starts = [(s["epoch"], s["world_size"]) for s in state["starts"]]
     # Shrunk to one worker into epoch 2; grown back to two (from the latest checkpoint, at the first resize
     # check after the new node was up) before the last epoch.
-    assert len(starts) == 3 and starts[:2] == [(1, 2), (2, 1)] and starts[2][1] == 2 and starts[2][0] <= 5, starts
+    assert len(starts) == 3 and starts[:2] == [(1, 2), (2, 1)] and starts[2][1] == 2, starts
     grown = starts[2][0]
-    assert [h["world_size"] for h in history] == [2] + [1] * (grown - 2) + [2] * (6 - grown)
+    assert [h["world_size"] for h in history] == [2] + [1] * (grown - 2) + [2] * (ELASTIC_EPOCHS + 1 - grown)
     assert set(history[-1]["worker_nodes"]) == worker_node_ids(cluster)
     # The global batch, the steps per epoch and the learning rate are the config's at every size.
     for h in history:
