@@ -45,7 +45,7 @@ class MemorySampler(threading.Thread):
     """Peak over time of the process tree's summed PSS (shared pages counted once) and of the
     largest shared-memory mapping (Ray's object store lives in shared memory)."""
 
-    def __init__(self, pid: int, every: float = 0.5, spill_dir: str = ""):
+    def __init__(self, pid: int, every: float = MEMORY_SAMPLE_S, spill_dir: str = ""):
         super().__init__(daemon=True)
         self.pid, self.every, self.stop_flag = pid, every, threading.Event()
         self.spill_dir = spill_dir
@@ -76,7 +76,8 @@ def spilled_bytes(ray_tmpdir: str) -> int:
     return total
 
 
-def run_command(cmd: list[str], marker: str = r"epoch 1/", sample_every: float = 5.0, env: dict | None = None,
+def run_command(cmd: list[str], marker: str = r"epoch 1/", sample_every: float = THROUGHPUT_SAMPLE_S,
+                env: dict | None = None,
                 spill_dir: str = "") -> dict:
     """Run a command, timing it from its start; the time the marker line first appears; peak memory
     (and, given the command's Ray temp folder, the peak of what Ray spilled to disk there).
