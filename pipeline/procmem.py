@@ -77,8 +77,7 @@ def spilled_bytes(ray_tmpdir: str) -> int:
 
 
 def run_command(cmd: list[str], marker: str = r"epoch 1/", sample_every: float = THROUGHPUT_SAMPLE_S,
-                env: dict | None = None,
-                spill_dir: str = "") -> dict:
+                env: dict | None = None, spill_dir: str = "") -> dict:
     """Run a command, timing it from its start; the time the marker line first appears; peak memory
     (and, given the command's Ray temp folder, the peak of what Ray spilled to disk there).
 
