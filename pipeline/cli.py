@@ -63,7 +63,7 @@ def _evaluate(args) -> int:
     from pipeline.predict import evaluate
 
     evaluate(args.checkpoint, args.data, split=args.split, output=args.output, batch_size=args.batch_size,
-             actors=args.actors)
+             actors=args.actors, small_side=args.small_side)
     return 0
 
 
@@ -102,6 +102,13 @@ def _data_synth(args) -> int:
 
     make_image_folder(args.dest, args.train_per_class, args.test_per_class, args.size)
     print(f"wrote a generated 2-class ImageFolder dataset to {args.dest}")
+    return 0
+
+
+def _data_shrink(args) -> int:
+    from pipeline.small_photos import shrink_folder
+
+    shrink_folder(args.src, args.dest, args.max_side, args.quality, tuple(args.splits.split(",")))
     return 0
 
 
@@ -150,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data", required=True, help="ImageFolder root (local or s3://) holding SPLIT/<class>/*")
             p.add_argument("--split", default="test", help="split folder to evaluate (default: test)")
             p.add_argument("--output", default="", help="also write the result as JSON here (local or s3://)")
+            p.add_argument("--small-side", type=int, default=0, metavar="PX",
+                           help="also score the split's small-photo copy: each image shrunk to a longest side of "
+                                "at most PX and saved as JPEG, quality 75 (e.g. 224; default: off)")
         else:
             p.add_argument("images", help="folder or s3:// prefix; every image below it is predicted")
             p.add_argument("--output", required=True, help="output folder (local or s3://) for the part files")
@@ -195,6 +205,14 @@ def _add_data_commands(sub) -> None:
     check.add_argument("path", help="ImageFolder root: a local folder or s3://bucket/prefix")
     check.add_argument("--allow-overlap", action="store_true", help="train/test duplicates are a warning only")
     check.set_defaults(func=_data_check)
+    shrink = data.add_parser("shrink", help="write the small-photo copy of a dataset's splits (longest side at most "
+                             "--max-side, JPEG): the photos `finetune evaluate --small-side` scores")
+    shrink.add_argument("src", help="ImageFolder root: a local folder or s3://bucket/prefix")
+    shrink.add_argument("dest", help="where the copy goes: <dest>/<split>/<class>/<name>.jpg")
+    shrink.add_argument("--max-side", type=int, default=224, help="longest side in pixels (default: 224)")
+    shrink.add_argument("--quality", type=int, default=75, help="JPEG quality (default: 75)")
+    shrink.add_argument("--splits", default="test", help="comma-separated splits to copy (default: test)")
+    shrink.set_defaults(func=_data_shrink)
     stage = data.add_parser("stage", help="upload a local ImageFolder dataset to s3:// (idempotent, verified)")
     stage.add_argument("src")
     stage.add_argument("dest", help="s3://bucket/prefix")

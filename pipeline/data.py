@@ -118,6 +118,14 @@ def _scan(root: str, splits) -> ImageFolderIndex:
                             fingerprint={"files": count, "sha256": digest.hexdigest()})
 
 
+SMALL_COPY = "_small"
+
+
+def small_copy_name(split: str) -> str:
+    """The name of a split's small-photo copy (data.small_eval_side): 'test' -> 'test_small'."""
+    return split + SMALL_COPY
+
+
 def stratified_split(index: ImageFolderIndex, fraction: float, seed: int) -> ImageFolderIndex:
     """Carve a validation split out of train: the same fraction of every class, fixed by seed."""
     rng = np.random.default_rng(seed)
@@ -323,7 +331,7 @@ def undecodable_this_epoch(streamed_files: dict[str, int], metrics: dict, world:
     whose shards are exact; a lower bound for train, whose equal split may also drop up to
     world - 1 good rows to balance the ranks."""
     return {split: max(0, n - metrics[f"{split}_images"] - (world - 1 if split == "train" else 0))
-            for split, n in streamed_files.items()}
+            for split, n in streamed_files.items() if f"{split}_images" in metrics}
 
 
 def too_many_undecodable(bad: dict[str, int], files: dict[str, int], limit: float, epoch: int) -> str:

@@ -30,12 +30,19 @@ def row_overrides(cfg: Config, row: str, seed: int, pick: dict | None = None) ->
     return {**ROWS[row].overrides(cfg), **(pick or {}), "optim.seed": seed, "run.name": ""}
 
 
+def _mean_by_class(scores: list[dict]) -> dict:
+    return {c: (float(np.mean([s[c] for s in scores])) if scores[0][c] is not None else None) for c in scores[0]}
+
+
 def _summarize(runs: list[dict]) -> dict:
     finals = np.array([r["test_acc"] for r in runs])
     first = np.array([r["curve"][0] for r in runs])
+    small = {f"{k}_mean": (float(np.mean([r[k] for r in runs])) if k == "test_small_acc" else
+                           _mean_by_class([r[k] for r in runs]))
+             for k in ("test_acc_by_class", "test_small_acc", "test_small_acc_by_class") if k in runs[0]}
     # Every seed is scored on the same test images, so averaging seeds does not shrink the test
     # set's standard error: the std over seeds is training noise only.
-    return {"test_acc_mean": float(finals.mean()), "test_acc_std": float(finals.std()),
+    return {**small, "test_acc_mean": float(finals.mean()), "test_acc_std": float(finals.std()),
             "test_acc_se": accuracy_standard_error(float(finals.mean()), runs[0]["test_images"]),
             "epoch1_acc_mean": float(first.mean()), "epoch1_acc_std": float(first.std()),
             "wall_s_mean": float(np.mean([r["wall_s"] for r in runs]))}
@@ -46,7 +53,10 @@ def _train_row(cfg: Config, prep: Prepared, name: str, exp_path: str, fs) -> dic
     result = fit_in_view(cfg, prep, name=name, storage_path=exp_path, fs=fs)
     history = result.return_value
     curve = [h["test_acc"] for h in history]
-    return {"seed": cfg.optim.seed, "test_acc": curve[-1], "curve": curve,
+    # the last epoch's per-class accuracy and small-photo scores (data.small_eval_side), where scored
+    last = {k: history[-1][k] for k in ("test_acc_by_class", "test_small_acc", "test_small_acc_by_class")
+            if k in history[-1]}
+    return {"seed": cfg.optim.seed, "test_acc": curve[-1], "curve": curve, **last,
             "test_images": history[-1]["test_images"], "wall_s": time.perf_counter() - t0, "lr": cfg.lr,
             "head_lr_mult": cfg.head_lr_mult, "freeze_depth": cfg.model.freeze_depth,
             "checkpoint": storage.s3_uri(cfg.run.storage, result.checkpoint.path) if result.checkpoint else None}
@@ -77,7 +87,7 @@ def run_experiment(cfg: Config) -> dict:
     exp_dir = storage.join(cfg.run.storage, name)
     rows = [r.strip() for r in cfg.experiment.rows.split(",")]
     seeds = list(range(cfg.experiment.seeds))
-    cfg = begin(cfg, EXPERIMENT_SECTIONS)
+    cfg = begin(with_changes(cfg, {"data": {"small_eval_side": cfg.experiment.small_photo_side}}), EXPERIMENT_SECTIONS)
     print(f"experiment: {exp_dir}\nrows: {', '.join(rows)} | seeds {seeds}", flush=True)
     prep = with_light_cpu_claim(prepare(cfg), cfg)  # rows and the search's trials run back to back
     fs, path = storage.resolve(cfg.run.storage)
@@ -90,6 +100,9 @@ def run_experiment(cfg: Config) -> dict:
     if zero:
         print(f"zero-shot baseline (source classifier, no training): test acc {zero['test_acc']:.3f} "
               f"on {zero['test_images']} images", flush=True)
+        if "test_small" in prep.splits:
+            small = zero_shot_accuracy(prep, cfg.model.arch, split="test_small", mirror=cfg.data.eval_flip)
+            zero.update({f"test_small_{k.removeprefix('test_')}": v for k, v in small.items()})
     elif "zero_shot" in rows:
         print("zero-shot: not available (needs pretrained weights whose categories match all classes "
               "but at most one)", flush=True)
@@ -98,6 +111,8 @@ def run_experiment(cfg: Config) -> dict:
         if row == "zero_shot":
             if zero:
                 results["rows"][row] = {"runs": [], "test_acc_mean": zero["test_acc"], "test_acc_std": 0.0,
+                                        **{f"{k}_mean": v for k, v in zero.items() if k.endswith("by_class")
+                                           or k == "test_small_acc"},
                                         "test_acc_se": accuracy_standard_error(zero["test_acc"], zero["test_images"]),
                                         "wall_s_mean": 0.0, "note": "deterministic: one evaluation"}
             continue
@@ -118,7 +133,7 @@ def run_experiment(cfg: Config) -> dict:
         results["rows"][row] = {"runs": runs, **_summarize(runs), **extra, "row_wall_s": time.perf_counter() - t_row}
     results["zero_shot"] = zero
     results["wall_time_s"] = time.perf_counter() - t_start
-    table = format_table(results)
+    table = "\n\n".join(t for t in (format_table(results), format_small_photo_table(results)) if t)
     storage.write_bytes(storage.join(exp_dir, "results.json"), json.dumps(redact_tree(results), indent=1).encode())
     storage.write_bytes(storage.join(exp_dir, "results.md"), (table + "\n").encode())
     storage.write_bytes(storage.join(exp_dir, "curves.png"), plots.experiment_curves(
@@ -154,3 +169,26 @@ def format_table(results: dict) -> str:
                      f"{r['epoch1_acc_mean']:.3f} ± {r['epoch1_acc_std']:.3f} | {wall} | {beats} |")
     return "\n".join(lines)
 
+
+def _by_class(scores: dict | None) -> str:
+    return ", ".join(f"{c} {v:.3f}" if v is not None else f"{c} -" for c, v in (scores or {}).items()) or "-"
+
+
+def format_small_photo_table(results: dict) -> str:
+    """Every row's test accuracy on full-size photos and on their small-photo copies
+    (experiment.small_photo_side), mean over seeds, with per-class accuracy on both; "" when the
+    experiment scored no small photos."""
+    rows = {k: r for k, r in results["rows"].items() if "test_small_acc_mean" in r}
+    if not rows:
+        return ""
+    side = results["config"]["data"]["small_eval_side"]
+    lines = [f"Small photos: each test image shrunk to a longest side of at most {side} px and saved as JPEG "
+             "(quality 75). Per-class accuracy is the recall of each true class.", "",
+             "| row | test acc | small-photo test acc | drop | per class, full size | per class, small photos |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for key, r in rows.items():
+        full, small = r["test_acc_mean"], r["test_small_acc_mean"]
+        per_class = [_by_class(r.get(f"test{s}_acc_by_class_mean")) for s in ("", "_small")]
+        lines.append(f"| {ROWS[key].title} | {full:.3f} | {small:.3f} | {full - small:+.3f} | "
+                     f"{per_class[0]} | {per_class[1]} |")
+    return "\n".join(lines)

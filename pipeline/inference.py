@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.checkpoint_file import load_checkpoint
 from pipeline.model import build_model, class_probabilities, evaluated_weights, interpolate_weights
 from pipeline.normalize import Normalizer
-from pipeline.train_loop import load_checkpoint, use_bf16
+from pipeline.train_loop import use_bf16
 from pipeline.transforms import ImagePreset
 
 

@@ -6,6 +6,7 @@ in batches (decode + eval crop on the actor), so a prefix of any size runs in bo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -17,11 +18,11 @@ import ray.train
 import torch
 
 from pipeline import data, storage
+from pipeline.checkpoint_file import CHECKPOINT_FILE
 from pipeline.inference import Classifier, Confusion
 from pipeline.selection import chosen_checkpoint
 from pipeline.start import init_ray
-from pipeline.train_loop import CHECKPOINT_FILE
-from pipeline.transforms import IMAGE_EXTENSIONS
+from pipeline.transforms import IMAGE_EXTENSIONS, SMALL_PHOTO_QUALITY
 
 
 def resolve_checkpoint(uri: str) -> ray.train.Checkpoint:
@@ -114,9 +115,33 @@ def predict(checkpoint_uri: str, images: str, output: str, fmt: str = "", batch_
     return {"images": n, "undecodable": undecodable, "output": output}
 
 
+def _confusion(ckpt, clf: Classifier, index: data.ImageFolderIndex, split: str, preset, batch_size: int,
+               actors: int) -> tuple[Confusion, int]:
+    """(confusion matrix, undecodable images skipped) of a checkpoint on a split, decoded with preset."""
+    decoded = data.decode_split(index, split, preset, center_crop=True, max_bad_fraction=1.0)
+    preds = decoded.dataset.map_batches(_Predictor, fn_constructor_kwargs={"checkpoint": ckpt},
+                                        batch_size=batch_size, batch_format="numpy", **_actor_options(actors))
+    conf = Confusion(len(clf.classes))
+    for batch in preds.select_columns(["label_index", "pred_index"]).iter_batches(batch_format="numpy"):
+        conf.add(batch["label_index"], batch["pred_index"])
+    return conf, len(decoded.bad_files)
+
+
+def _confusion_lines(title: str, conf: Confusion, classes: list[str]) -> list[str]:
+    width = max(len(c) for c in classes)
+    per_class = conf.per_class_accuracy(classes)
+    lines = [title, "confusion (rows: true, columns: predicted):",
+             " " * (width + 2) + " ".join(f"{c[:8]:>8}" for c in classes)]
+    for c, row in zip(classes, conf.counts.tolist(), strict=True):
+        acc = f"{per_class[c]:.3f}" if per_class[c] is not None else "-"
+        lines.append(f"{c:>{width}}  " + " ".join(f"{v:>8}" for v in row) + f"   acc {acc}")
+    return lines
+
+
 def evaluate(checkpoint_uri: str, dataset: str, split: str = "test", output: str = "", batch_size: int = 64,
-             actors: int = 0) -> dict:
-    """Accuracy, per-class accuracy and the confusion matrix of a checkpoint on <dataset>/<split>/<class>/*."""
+             actors: int = 0, small_side: int = 0) -> dict:
+    """Accuracy, per-class accuracy and the confusion matrix of a checkpoint on <dataset>/<split>/<class>/*;
+    with small_side, the same on the split's small-photo copy (transforms.small_photo) too."""
     t0 = time.perf_counter()
     init_ray()
     ckpt = resolve_checkpoint(checkpoint_uri)
@@ -129,25 +154,24 @@ def evaluate(checkpoint_uri: str, dataset: str, split: str = "test", output: str
     # Labels in the checkpoint's class order, whatever subset of classes the folder has.
     remap = {i: clf.classes.index(name) for i, name in enumerate(index.classes)}
     index.files[split] = [(p, remap[y]) for p, y in index.files[split]]
-    decoded = data.decode_split(index, split, clf.preset, center_crop=True, max_bad_fraction=1.0)
-    preds = decoded.dataset.map_batches(_Predictor, fn_constructor_kwargs={"checkpoint": ckpt},
-                                        batch_size=batch_size, batch_format="numpy", **_actor_options(actors))
-    conf = Confusion(len(clf.classes))
-    for batch in preds.select_columns(["label_index", "pred_index"]).iter_batches(batch_format="numpy"):
-        conf.add(batch["label_index"], batch["pred_index"])
-    per_class = conf.per_class_accuracy(clf.classes)
+    conf, skipped = _confusion(ckpt, clf, index, split, clf.preset, batch_size, actors)
     result = {"checkpoint": checkpoint_uri, "dataset": dataset, "split": split, "images": conf.images,
-              "skipped_images": len(decoded.bad_files), "accuracy": conf.accuracy,
-              "per_class_accuracy": per_class, "classes": clf.classes, "confusion": conf.counts.tolist(),
-              "epoch": clf.epoch, "wall_time_s": time.perf_counter() - t0}
-    width = max(len(c) for c in clf.classes)
-    lines = [f"{split} accuracy {result['accuracy']:.4f} on {result['images']} images "
-             f"(checkpoint epoch {clf.epoch}; {result['skipped_images']} undecodable skipped)",
-             "confusion (rows: true, columns: predicted):",
-             " " * (width + 2) + " ".join(f"{c[:8]:>8}" for c in clf.classes)]
-    for c, row in zip(clf.classes, conf.counts.tolist(), strict=True):
-        acc = f"{per_class[c]:.3f}" if per_class[c] is not None else "-"
-        lines.append(f"{c:>{width}}  " + " ".join(f"{v:>8}" for v in row) + f"   acc {acc}")
+              "skipped_images": skipped, "accuracy": conf.accuracy,
+              "per_class_accuracy": conf.per_class_accuracy(clf.classes), "classes": clf.classes,
+              "confusion": conf.counts.tolist(), "epoch": clf.epoch}
+    lines = _confusion_lines(f"{split} accuracy {conf.accuracy:.4f} on {conf.images} images (checkpoint epoch "
+                             f"{clf.epoch}; {skipped} undecodable skipped)", conf, clf.classes)
+    if small_side:
+        small, _ = _confusion(ckpt, clf, index, split, dataclasses.replace(clf.preset, small_side=small_side),
+                              batch_size, actors)
+        result["small_photos"] = {"max_side": small_side, "images": small.images, "accuracy": small.accuracy,
+                                  "drop": conf.accuracy - small.accuracy,
+                                  "per_class_accuracy": small.per_class_accuracy(clf.classes),
+                                  "confusion": small.counts.tolist()}
+        lines += _confusion_lines(f"small photos (longest side <= {small_side} px, JPEG quality "
+                                  f"{SMALL_PHOTO_QUALITY}): accuracy {small.accuracy:.4f} on {small.images} images, "
+                                  f"{conf.accuracy - small.accuracy:+.4f} below full size", small, clf.classes)
+    result["wall_time_s"] = time.perf_counter() - t0
     print("\n".join(lines), flush=True)
     if output:
         storage.write_bytes(output, json.dumps(result, indent=1).encode())

@@ -100,14 +100,21 @@ def prepare(cfg: Config, val_fraction: float = 0.0, index: data.ImageFolderIndex
     if source.sha256 and not cfg.model.weights_sha256:
         print(f"weights sha256 {source.sha256} (pin it with --model.weights_sha256)", flush=True)
     preset = ImagePreset.from_data_config(cfg.to_dict()["data"])
-    need = sum(data.decoded_bytes(len(f), preset, split != "train") for split, f in index.files.items())
+    # split name -> (the index's split it reads, its preset): every split, and the small-photo copy
+    # of each evaluation split when data.small_eval_side asks for them
+    loads = {split: (split, preset) for split in index.files}
+    if cfg.data.small_eval_side:
+        small = dataclasses.replace(preset, small_side=cfg.data.small_eval_side)
+        loads.update({data.small_copy_name(s): (s, small) for s in index.files if s != "train"})
+    need = sum(data.decoded_bytes(len(index.files[s]), preset, s != "train") for s, _ in loads.values())
     store = ray.cluster_resources().get("object_store_memory", 0)
     cache = data.keeps_decoded_copy(cfg.data.cache_decoded, need, store)
     # All splits decode at once: one Ray Data execution per split, run side by side, so the
     # small eval split does not wait for train to finish (or the other way round).
-    with ThreadPoolExecutor(len(index.files)) as pool:
-        futures = {split: pool.submit(load_split, cfg, index, split, preset, res, cache=cache) for split in index.files}
-        splits = {split: f.result() for split, f in futures.items()}
+    with ThreadPoolExecutor(len(loads)) as pool:
+        futures = {name: pool.submit(load_split, cfg, index, split, p, res, cache=cache)
+                   for name, (split, p) in loads.items()}
+        splits = {name: f.result() for name, f in futures.items()}
     skipped = sum(len(d.bad_files) for d in splits.values())
     sizes = ", ".join(f"{k} {v.num_images}" for k, v in splits.items())
     mode = (f"decoded once, {need / 2**30:.2f} GiB cached" if cache else
@@ -157,8 +164,11 @@ def with_eval_crop(prep: Prepared, cfg: Config, eval_crop: int, splits: tuple[st
     if eval_crop == prep.preset.eval_crop:
         return prep
     preset = dataclasses.replace(prep.preset, eval_crop=eval_crop)
+    small = dataclasses.replace(preset, small_side=cfg.data.small_eval_side)
     redo = {name: load_split(cfg, prep.index, name, preset, prep.res, cache=not split.streaming)
             for name, split in prep.splits.items() if name in splits}
+    redo.update({data.small_copy_name(s): load_split(cfg, prep.index, s, small, prep.res, cache=not split.streaming)
+                 for s in splits if (split := prep.splits.get(data.small_copy_name(s))) is not None})
     return dataclasses.replace(prep, preset=preset, splits={**prep.splits, **redo})
 
 
@@ -205,7 +215,8 @@ def worker_spec(cfg: Config, prep: Prepared, in_search: bool, eval_splits: tuple
 def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, fs, in_search: bool = False,
                  callbacks=None, board=None) -> TorchTrainer:
     """A TorchTrainer for cfg over the prepared data. Every epoch it evaluates the validation split,
-    if prep has one, and (outside a search trial, which never reads test) the test split. Rank 0
+    if prep has one, and (outside a search trial, which never reads test) the test split; after the
+    last, their small-photo copies, if prep has them. Rank 0
     posts its progress and lines to board (a console.ProgressBoard), if given."""
     if lacks_probe_head(prep, cfg):
         raise ValueError("model.probe_init: the prepared data has no probe head fitted for this config "
@@ -214,8 +225,10 @@ def make_trainer(cfg: Config, prep: Prepared, *, name: str, storage_path: str, f
     # The crop scale may differ per run (a Tune trial's choice), the extra augmentation per row; the decoded
     # copy depends on neither.
     augment = dataclasses.replace(prep.preset, scale=(cfg.data.crop_min_scale, 1.0),
-                                  auto_augment=cfg.data.auto_augment)
-    eval_splits = ("val",) if in_search else tuple(s for s in ("val", "test") if s in prep.splits)
+                                  auto_augment=cfg.data.auto_augment, low_res_prob=cfg.data.low_res_prob)
+    # 'val' chooses (a search reads nothing else), 'test' is reported; each with its small-photo copy
+    wanted = ("val",) if in_search else ("val", "test")
+    eval_splits = tuple(s for s in (*wanted, *map(data.small_copy_name, wanted)) if s in prep.splits)
     datasets = {"train": data.train_stream(train, augment, prep.res.data_task_cpus, seed=cfg.optim.seed)}
     res = prep.res
     # Checkpoints kept beside the latest: with a validation split, the best on it (a search trial's by

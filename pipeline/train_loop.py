@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import queue
 import tempfile
 import threading
@@ -15,10 +14,10 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import yaml
 from torch import nn
 
 from pipeline import data
+from pipeline.checkpoint_file import load_checkpoint, save_checkpoint
 from pipeline.config import Config
 from pipeline.console import Poster, quiet_train_worker
 from pipeline.exit_gate import parked_at_exit
@@ -34,11 +33,8 @@ from pipeline.model import (
     trainable_weights,
 )
 from pipeline.normalize import Normalizer
-from pipeline.redact import redact_tree
 from pipeline.selection import accuracy_standard_error, standard_error
 from pipeline.worker_spec import WorkerSpec
-
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -72,19 +68,6 @@ def training_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str, wo
     return loss, loss_sum.detach()
 
 
-def save_checkpoint(directory: str, state: dict) -> None:
-    """checkpoint.pt (everything, loadable with weights_only=True) + config.yaml for humans; a URL
-    credential in the config is saved as ***."""
-    state = {**state, "config": redact_tree(state["config"])}
-    torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
-    with open(os.path.join(directory, "config.yaml"), "w") as fh:
-        yaml.safe_dump(state["config"], fh, sort_keys=False)
-
-
-def load_checkpoint(directory: str) -> dict:
-    return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-
-
 class EpochPrefetcher:
     """One epoch of batches pulled by a background thread into a short queue."""
 
@@ -115,6 +98,7 @@ class EpochRunner:
 
     def __init__(self, cfg: Config, spec: WorkerSpec, source: SourceWeights | None, started_unix: float = 0.0):
         self.cfg = cfg
+        self.classes = spec.classes
         self.device = ray.train.torch.get_device()
         # The global batch is the config's whatever the world size (an elastic group shrinks and
         # grows): each rank takes its share, so the gradient, the learning rates and the steps per
@@ -233,6 +217,8 @@ class EpochRunner:
         # per alpha: correct, count, and the sum and sum of squares of the per-image cross-entropy
         # of the (mirror-averaged) probabilities: the squares give the loss's standard error
         stats = torch.zeros(len(alphas), 4, dtype=torch.float64, device=self.device)
+        n_classes = len(self.classes)
+        by_class = torch.zeros(len(alphas), 2, n_classes, dtype=torch.float64, device=self.device)  # correct, count
         with self.evaluated_model() as set_alpha:
             current, seen = None, 0
             for batch in parked_at_exit(self._batches(shard) if shard is not None else ()):
@@ -243,12 +229,15 @@ class EpochRunner:
                         current = alpha
                     probs = class_probabilities(self.model, x, mirror=self.cfg.data.eval_flip, bf16=self.bf16)
                     nll = -probs.gather(1, y[:, None]).clamp_min(1e-12).log().double()
-                    stats[i] += torch.stack([(probs.argmax(1) == y).sum().double(),
-                                             torch.tensor(y.numel(), dtype=torch.float64, device=self.device),
-                                             nll.sum(), nll.square().sum()])
+                    hit = (probs.argmax(1) == y).double()
+                    count = torch.tensor(y.numel(), dtype=torch.float64, device=self.device)
+                    stats[i] += torch.stack([hit.sum(), count, nll.sum(), nll.square().sum()])
+                    by_class[i, 0] += torch.bincount(y, weights=hit, minlength=n_classes)
+                    by_class[i, 1] += torch.bincount(y, minlength=n_classes).double()
                 seen += y.numel()
                 progress(seen * self.world)
         rows = _all_reduce(stats).tolist()
+        class_rows = _all_reduce(by_class).tolist()  # per alpha: [hits per class, images per class]
         progress(int(rows[0][1]), final=True)
         accs = [correct / max(count, 1) for correct, count, _, _ in rows]
         losses = [loss / max(count, 1) for _, count, loss, _ in rows]
@@ -258,7 +247,11 @@ class EpochRunner:
         chosen, margin = 0, 0.0
         if self.alpha_rule is not None:
             chosen, margin = self.alpha_rule.choose(accs, losses, acc_errors, loss_errors)
-        metrics = {f"{split}_acc": accs[chosen], f"{split}_loss": losses[chosen], f"{split}_images": int(rows[0][1])}
+        class_hits, class_counts = class_rows[chosen]
+        metrics = {f"{split}_acc": accs[chosen], f"{split}_loss": losses[chosen], f"{split}_images": int(rows[0][1]),
+                   # recall per true class; None for a class the split lacks
+                   f"{split}_acc_by_class": {c: (h / n if n else None) for c, h, n in
+                                             zip(self.classes, class_hits, class_counts, strict=True)}}
         if self.start_weights is not None:
             metrics.update({f"{split}_acc_se": acc_errors[chosen], f"{split}_loss_se": loss_errors[chosen],
                             "weight_distance": float(alphas[chosen]) * self.distance_from_start()})
@@ -300,7 +293,7 @@ def worker_nodes() -> list[str]:
 def epoch_line(epoch: int, epochs: int, metrics: dict, splits) -> str:
     """The seed's per-epoch line, with the evaluation splits and what else the epoch did."""
     return (f"epoch {epoch}/{epochs}  loss {metrics['train_loss']:.3f}  train acc {metrics['train_acc']:.3f}"
-            + "".join(f"  {split} acc {metrics[split + '_acc']:.3f}" for split in splits)
+            + "".join(f"  {split} acc {metrics[split + '_acc']:.3f}" for split in splits if split + "_acc" in metrics)
             + (f" (WiSE alpha {metrics['wise_alpha']:g})" if "wise_alpha" in metrics else "")
             + f"  {metrics['examples_per_sec']:.1f} examples/sec  ({metrics['epoch_time_s']:.1f} s)"
             + (f"  [{metrics['skipped_images']} undecodable images skipped]" if metrics["skipped_images"] else ""))
@@ -364,6 +357,8 @@ def run_worker(loop_config: dict) -> list:
         train_s = time.perf_counter() - t0
         batches = runner.prefetch_epoch(train_shard, epoch + 1) if epoch < epochs else None
         for split, shard in eval_shards.items():  # 'val' chooses (if carved), 'test' is reported
+            if split.endswith(data.SMALL_COPY) and epoch < epochs:
+                continue  # small-photo copies: a report on the run's model, scored once
             metrics.update(runner.evaluate(shard, split, poster.tracker(split, epoch, epochs,
                                                                         spec.eval_images[split])))
         streamed_bad = data.undecodable_this_epoch(spec.streamed_files, metrics, world)

@@ -27,6 +27,9 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a bad image, coun
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 AUTO_AUGMENTS = ("none", "ta_wide")  # the names of torchvision references' --auto-augment
+# Small photos as users send them: the longest side at most a few hundred pixels, saved as JPEG at
+# a web quality. The small-photo copies of eval splits and the low-res training view both use it.
+SMALL_PHOTO_QUALITY = 75
 
 
 class ImageRejected(ValueError):
@@ -65,6 +68,35 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def jpeg_round_trip(img: Image.Image, quality: int = SMALL_PHOTO_QUALITY) -> Image.Image:
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(out.getvalue())).convert("RGB")
+
+
+def shrunk(img: Image.Image, max_side: int) -> Image.Image:
+    """img with its longest side at most max_side (never enlarged), antialiased."""
+    w, h = img.size
+    if max(w, h) <= max_side:
+        return img
+    s = max_side / max(w, h)
+    return img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC, reducing_gap=3.0)
+
+
+def small_photo(data: bytes, max_side: int, quality: int = SMALL_PHOTO_QUALITY,
+                max_pixels: int = MAX_IMAGE_PIXELS, max_aspect: float = MAX_ASPECT_RATIO) -> bytes:
+    """The small-photo copy of an encoded image: EXIF orientation applied, longest side at most
+    max_side, saved as JPEG at quality. `finetune data shrink` writes these files, and
+    data.small_eval_side scores on the same bytes without writing them."""
+    img = Image.open(io.BytesIO(data))
+    check_image_size(*img.size, max_pixels, max_aspect)
+    img.draft("RGB", (max_side, max_side))
+    img = shrunk(_to_rgb(ImageOps.exif_transpose(img)), max_side)
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
 @dataclass(frozen=True)
 class ImagePreset:
     """d2l's recipe: train RandomResizedCrop(224)+flip, eval Resize(256)+CenterCrop(224)."""
@@ -77,6 +109,10 @@ class ImagePreset:
     auto_augment: str = "none"  # after crop + flip: "ta_wide" = TrivialAugmentWide
     max_pixels: int = MAX_IMAGE_PIXELS  # larger images are refused before decoding
     max_aspect: float = MAX_ASPECT_RATIO  # so are thinner ones (long side / short side)
+    # Training: the share of images first shrunk to a random longest side in [image_size / 2,
+    # image_size] and saved as JPEG, then cropped: the network also sees upsampled small photos.
+    low_res_prob: float = 0.0
+    small_side: int = 0  # decode() first makes the small-photo copy (small_photo); 0: the file as it is
 
     def __post_init__(self):
         if self.auto_augment not in AUTO_AUGMENTS:
@@ -88,7 +124,8 @@ class ImagePreset:
         in a checkpoint."""
         return cls(data["image_size"], data["resize_size"], scale=(data["crop_min_scale"], 1.0),
                    eval_crop=data["eval_crop_size"], auto_augment=data["auto_augment"],
-                   max_pixels=data["max_image_pixels"], max_aspect=data["max_aspect_ratio"])
+                   max_pixels=data["max_image_pixels"], max_aspect=data["max_aspect_ratio"],
+                   low_res_prob=data.get("low_res_prob", 0.0))
 
     @property
     def eval_size(self) -> int:
@@ -99,6 +136,8 @@ class ImagePreset:
 
         Raises on anything that is not a decodable image (the caller counts it), and ImageRejected,
         from the header alone, for one over the pixel or aspect budget."""
+        if self.small_side:
+            data = small_photo(data, self.small_side, max_pixels=self.max_pixels, max_aspect=self.max_aspect)
         img = Image.open(io.BytesIO(data))
         check_image_size(*img.size, self.max_pixels, self.max_aspect)
         # JPEG draft decodes at 1/2, 1/4 or 1/8 scale directly: large photos cost a
@@ -144,9 +183,13 @@ class ImagePreset:
         PIL's resize with a source box crops and resizes in one pass, as torchvision's
         RandomResizedCrop does for PIL images. Not torch: the augmentation tasks would each
         import it (seconds of CPU per worker process, on the path to the first training step)."""
-        top, left, ch, cw = self.crop_box(img.shape[0], img.shape[1], rng)
-        out = Image.fromarray(img).resize((self.image_size, self.image_size), Image.BILINEAR,
-                                          box=(left, top, left + cw, top + ch))
+        source = Image.fromarray(img)
+        # Drawn only when asked for, so that runs without it keep their seeds' crops.
+        if self.low_res_prob and rng.random() < self.low_res_prob:
+            side = int(rng.integers(self.image_size // 2, self.image_size + 1))
+            source = jpeg_round_trip(shrunk(source, side))
+        top, left, ch, cw = self.crop_box(source.height, source.width, rng)
+        out = source.resize((self.image_size, self.image_size), Image.BILINEAR, box=(left, top, left + cw, top + ch))
         if rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.auto_augment == "ta_wide":

@@ -75,7 +75,9 @@ def zero_shot_accuracy(prep, arch: str, split: str = "test", mirror: bool = Fals
     pred = zero_shot_predict(logits, prep.reuse_rows, len(prep.classes))
     if pred is None:
         return None
-    return {"test_acc": float((pred == labels).mean()), "test_images": int(len(labels))}
+    by_class = {c: (float((pred[labels == i] == i).mean()) if (labels == i).any() else None)
+                for i, c in enumerate(prep.classes)}
+    return {"test_acc": float((pred == labels).mean()), "test_images": int(len(labels)), "test_acc_by_class": by_class}
 
 
 def rest_threshold(logits: np.ndarray, labels: np.ndarray, rows: dict[int, int], rest: int) -> tuple[float, float]:

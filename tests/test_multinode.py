@@ -170,7 +170,7 @@ def checkpoints(s3: LocalS3, prefix: str) -> list[str]:
 
 
 def load_state(s3: LocalS3, checkpoint_key: str, dest: str) -> tuple[str, dict]:
-    from pipeline.train_loop import load_checkpoint
+    from pipeline.checkpoint_file import load_checkpoint
 
     os.makedirs(dest, exist_ok=True)
     for key in (k for k in keys(s3, "runs", checkpoint_key + "/") if not k.endswith("/")):

@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from pipeline import data
+from pipeline.checkpoint_file import load_checkpoint
 from pipeline.cli import build_parser, main
 from pipeline.config import config_from_args
 from pipeline.predict import evaluate, resolve_checkpoint
@@ -17,7 +18,6 @@ from pipeline.runner import run_training
 from pipeline.runs import list_runs, show_run
 from pipeline.selection import chosen_metrics
 from pipeline.synthetic import make_image_folder
-from pipeline.train_loop import load_checkpoint
 
 VAL_FRACTION = 0.25
 

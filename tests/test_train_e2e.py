@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from pipeline import data
+from pipeline.checkpoint_file import load_checkpoint
 from pipeline.cli import build_parser
 from pipeline.config import config_from_args
 from pipeline.inference import Classifier
 from pipeline.runner import run_training
-from pipeline.train_loop import load_checkpoint
 from pipeline.transforms import ImagePreset
 
 TINY = ["--data.image_size", "48", "--data.resize_size", "56", "--batch-size", "16", "--data.preview_images", "4",

@@ -12,6 +12,7 @@ from pyarrow.fs import copy_files
 from ray.train import Checkpoint
 
 from pipeline import data, storage
+from pipeline.checkpoint_file import load_checkpoint
 from pipeline.cli import build_parser
 from pipeline.config import config_from_args, with_overrides
 from pipeline.console import TRIAL_END_WARNING
@@ -20,7 +21,6 @@ from pipeline.inference import Classifier
 from pipeline.model import evaluated_weights
 from pipeline.probe import PENALTIES
 from pipeline.search import run_search, trial_base
-from pipeline.train_loop import load_checkpoint
 from tests.secret_scan import credential_hits, held_secrets
 
 SMALL = ["--data.image_size", "48", "--data.resize_size", "56", "--batch-size", "16", "--freeze-bn"]

@@ -64,6 +64,15 @@ class DataConfig:
                               "'ta_wide' (TrivialAugmentWide, Muller & Hutter 2021, as torchvision references' "
                               "--auto-augment ta_wide: one random photometric or geometric operation per image at a "
                               "random strength; no parameters to tune).")
+    low_res_prob: float = setting(0.0, "Training augmentation for small photos: the share of training images first "
+                                "shrunk to a random longest side between image_size / 2 and image_size and saved as "
+                                "JPEG (quality 75), then cropped as usual, so that the network also sees the blur and "
+                                "artifacts of an upsampled small photo. 0: off (the seed's).")
+    small_eval_side: int = setting(0, "Also score each evaluation split's small-photo copy after the last epoch: "
+                                   "every image shrunk so its longest side is at most this many pixels, saved as "
+                                   "JPEG (quality 75), then evaluated as usual; reported as <split>_small_acc, with "
+                                   "per-class accuracy. 0: off. `finetune experiment` sets it from "
+                                   "experiment.small_photo_side.")
     max_image_pixels: int = setting(100_000_000, "Images with more pixels are refused before decoding and counted as "
                                   "bad (a decompression bomb costs far more memory than its file).")
     max_aspect_ratio: float = setting(20.0, "Images whose long side exceeds this many times the short side are refused "
@@ -86,6 +95,9 @@ class DataConfig:
         check(0 < d.crop_min_scale <= 1, "data.crop_min_scale", d.crop_min_scale, "must be in (0, 1]")
         check(d.auto_augment in AUTO_AUGMENTS, "data.auto_augment", d.auto_augment,
               f"valid: {', '.join(AUTO_AUGMENTS)}")
+        check(0 <= d.low_res_prob <= 1, "data.low_res_prob", d.low_res_prob, "must be in [0, 1]")
+        check(d.small_eval_side == 0 or 32 <= d.small_eval_side <= 4096, "data.small_eval_side", d.small_eval_side,
+              "must be 0 (off) or in 32..4096")
         check(1_000_000 <= d.max_image_pixels <= 1_000_000_000, "data.max_image_pixels", d.max_image_pixels,
               "must be in 1e6..1e9")
         check(1 <= d.max_aspect_ratio <= 1000, "data.max_aspect_ratio", d.max_aspect_ratio, "must be in 1..1000")
@@ -356,10 +368,14 @@ class ExperimentConfig:
                                "config paths of data, model, optim or scaling mapped to values, e.g. {optim.epochs: "
                                "15, optim.schedule: cosine}. Tune picks what tune.space searches for this recipe. "
                                "Empty: the base recipe, as the other rows.")
+    small_photo_side: int = setting(224, "Every row is also scored on small-photo copies of test (and the search on "
+                                    "validation's): data.small_eval_side for each run. 0: full-size photos only.")
 
     def validate(self) -> None:
         e = self
         check(1 <= e.seeds <= 100, "experiment.seeds", e.seeds, "must be in 1..100")
+        check(e.small_photo_side == 0 or 32 <= e.small_photo_side <= 4096, "experiment.small_photo_side",
+              e.small_photo_side, "must be 0 (off) or in 32..4096")
         bad_rows = [x for x in e.rows.split(",") if x.strip() not in EXPERIMENT_ROWS]
         check(bool(e.rows.strip()) and not bad_rows, "experiment.rows", e.rows,
               f"valid rows: {', '.join(EXPERIMENT_ROWS)}")
