@@ -334,6 +334,14 @@ WORKER_STAGES = {"worker_start_unix": "worker up", "model_ready_unix": "model bu
                  "first_batch_unix": "first batch", "first_step_unix": "first step"}
 
 
+def _small_photo_line(last: dict) -> str:
+    """What data.small_eval_side measured after the last epoch, per split and class ("" if nothing)."""
+    parts = [f"{split} {last[f'{split}_small_acc']:.3f} (full size {last[f'{split}_acc']:.3f}; per class "
+             + ", ".join(f"{c} {v:.3f}" for c, v in last[f"{split}_small_acc_by_class"].items() if v is not None) + ")"
+             for split in ("val", "test") if f"{split}_small_acc" in last]
+    return f"small photos, last epoch: {'; '.join(parts)}\n" if parts else ""
+
+
 def run_training(cfg: Config) -> TrainOutcome:
     """The whole local or cluster run; cfg must already be validated."""
     t_start = time.perf_counter()
@@ -362,7 +370,8 @@ def run_training(cfg: Config) -> TrainOutcome:
            else "the last epoch")
     print(f"model: epoch {model['epoch']}, {why}\n"
           f"test acc {model['test_acc']:.3f} on {model['test_images']} images (reported; never used to choose)"
-          f"  train acc {model['train_acc']:.3f}  loss {model['train_loss']:.3f}\ncheckpoint: {model_path}\n"
+          f"  train acc {model['train_acc']:.3f}  loss {model['train_loss']:.3f}\n{_small_photo_line(history[-1])}"
+          f"checkpoint: {model_path}\n"
           f"run folder: {run_dir}  (metrics.csv, metrics.json, curves.png, preview.png)\n{clock.line()}\n"
           f"wall time {wall:.1f} s",
           flush=True)

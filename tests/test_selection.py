@@ -7,6 +7,7 @@ Whatever picks a checkpoint by a test metric picks a different epoch from what v
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from pipeline import data
@@ -43,6 +44,7 @@ def run(ray_local, adversarial_dataset, tmp_path_factory):
         ["train", "--data", adversarial_dataset, "--weights", "none", "--epochs", "4", "--batch-size", "16",
          "--lr", "1e-4", "--data.val_fraction", str(VAL_FRACTION), "--data.image_size", "32",
          "--data.resize_size", "40", "--data.preview_images", "0", "--run.keep_checkpoints", "1",
+         "--data.small_eval_side", "32",
          "--storage", str(store), "--name", "chosen"]))
     out = run_training(cfg)
     by_val = min(out.history, key=lambda h: h["val_loss"])["epoch"]
@@ -85,3 +87,23 @@ def test_without_a_validation_split_the_model_is_the_last_epoch():
     assert chosen_metrics(rows)["epoch"] == 3
     with_val = [{**r, "val_loss": v} for r, v in zip(rows, (0.5, 0.3, 0.3), strict=True)]
     assert chosen_metrics(with_val)["epoch"] == 3  # a tie goes to the later epoch
+
+
+def test_small_photo_copies_are_scored_after_the_last_epoch_as_evaluate_scores_them(run, adversarial_dataset):
+    out, _, _ = run
+    *earlier, last = out.history
+    assert not any("val_small_acc" in h or "test_small_acc" in h for h in earlier)
+    classes = ["hotdog", "not-hotdog"]
+    for split in ("val", "test", "val_small", "test_small"):
+        by_class = last[f"{split}_acc_by_class"]
+        assert list(by_class) == classes
+        assert np.mean(list(by_class.values())) == pytest.approx(last[f"{split}_acc"])  # balanced splits
+    final = next(os.path.join(out.run_dir, d) for d in os.listdir(out.run_dir)
+                 if d.startswith("checkpoint_2") and epoch_of(os.path.join(out.run_dir, d)) == last["epoch"])
+    result = evaluate(final, adversarial_dataset, split="test", small_side=32)
+    small = result["small_photos"]
+    assert result["accuracy"] == pytest.approx(last["test_acc"]) and result["per_class_accuracy"] == pytest.approx(
+        last["test_acc_by_class"])
+    assert small["accuracy"] == pytest.approx(last["test_small_acc"])
+    assert small["per_class_accuracy"] == pytest.approx(last["test_small_acc_by_class"])
+    assert small["drop"] == pytest.approx(result["accuracy"] - small["accuracy"])

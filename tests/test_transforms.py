@@ -1,3 +1,4 @@
+import dataclasses
 import io
 
 import numpy as np
@@ -6,8 +7,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
+from pipeline.cli import main
 from pipeline.normalize import Normalizer
-from pipeline.transforms import TA_WIDE_BINS, TA_WIDE_OPS, ImagePreset, apply_op
+from pipeline.synthetic import make_image_folder
+from pipeline.transforms import TA_WIDE_BINS, TA_WIDE_OPS, ImagePreset, apply_op, small_photo
 
 PRESET = ImagePreset(image_size=56, resize_size=64)
 
@@ -187,3 +190,47 @@ def test_ta_wide_is_seeded_and_varies_the_crops():
         ImagePreset(auto_augment="randaugment")
     with pytest.raises(ValueError, match="'cutout'.*identity, shear_x"):
         apply_op(Image.fromarray(img), "cutout", 1.0)
+
+
+def test_small_photo_is_a_shrunk_jpeg_never_enlarged_and_what_small_side_decodes():
+    big = encode(Image.fromarray(gradient(400, 300)))
+    small = small_photo(big, 224)
+    img = Image.open(io.BytesIO(small))
+    assert img.format == "JPEG" and img.size == (224, 168)
+    assert Image.open(io.BytesIO(small_photo(encode(Image.fromarray(gradient(100, 80))), 224))).size == (100, 80)
+    # Upright before it shrinks: an EXIF-rotated landscape file is a portrait photo.
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90
+    rotated = Image.open(io.BytesIO(small_photo(encode(Image.fromarray(gradient(400, 300)), "JPEG", exif=exif), 224)))
+    assert rotated.size == (168, 224)
+    # The preset's small_side decodes exactly the small copy: the files `finetune data shrink` writes.
+    assert np.array_equal(dataclasses.replace(PRESET, small_side=224).decode(big), PRESET.decode(small))
+
+
+def roughness(images) -> float:
+    """Mean absolute difference between horizontal neighbours: lower is blurrier."""
+    return float(np.mean([np.abs(np.diff(im.astype(np.int16), axis=1)).mean() for im in images]))
+
+
+def test_low_res_view_is_seeded_and_blurs_the_training_crops():
+    noise = np.random.default_rng(0).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    img = PRESET.decode(encode(Image.fromarray(noise)))
+    whole = dataclasses.replace(PRESET, scale=(1.0, 1.0))
+    low = dataclasses.replace(whole, low_res_prob=1.0)
+    crops = [low.train(img, np.random.default_rng(s)) for s in range(8)]
+    assert all(c.shape == (56, 56, 3) for c in crops)
+    assert np.array_equal(crops[0], low.train(img, np.random.default_rng(0)))
+    plain = [whole.train(img, np.random.default_rng(s)) for s in range(8)]
+    # shrunk to a longest side of 28..56 px and then cropped back up to 56: visibly blurrier
+    assert roughness(crops) < 0.7 * roughness(plain)
+
+
+def test_data_shrink_writes_the_small_photo_copy(tmp_path):
+    root = make_image_folder(str(tmp_path / "ds"), 2, 3, size=96)
+    assert main(["data", "shrink", root, str(tmp_path / "small"), "--max-side", "40", "--splits", "train,test"]) == 0
+    for split, n in (("train", 4), ("test", 6)):
+        files = sorted((tmp_path / "small" / split).rglob("*.jpg"))
+        assert len(files) == n and {f.parent.name for f in files} == {"hotdog", "not-hotdog"}
+        assert all(Image.open(f).size == (40, 40) for f in files)
+    original = tmp_path / "ds" / "test" / "hotdog" / "00000.jpg"
+    assert (tmp_path / "small" / "test" / "hotdog" / "00000.jpg").read_bytes() == small_photo(original.read_bytes(), 40)

@@ -267,7 +267,7 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
          "--tune.wise_alphas", "0.5",  # and with WiSE-FT at 0.5
          "--experiment.tuned_recipe", "{optim.epochs: 3, optim.schedule: cosine, data.batch_size: 8, "
          "data.eval_flip: true, model.probe_init: true}",
-         "--storage", "s3://runs/experiment", "--name", "exp"]))
+         "--experiment.small_photo_side", "40", "--storage", "s3://runs/experiment", "--name", "exp"]))
     results = json.loads(json.dumps(run_experiment(cfg)).replace("s3://runs/experiment", str(tmp_path / "runs")))
     copy_files("runs/experiment/exp", str(tmp_path / "runs" / "exp"), source_filesystem=storage.resolve("s3://runs")[0])
     rows = results["rows"]
@@ -300,6 +300,13 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
     assert ("recipe optim.epochs=3, optim.schedule=cosine, data.batch_size=8, data.eval_flip=True, "
             "model.probe_init=True") in table
     assert "model.wise_alpha=0.5, data.eval_crop_size=56" in table  # the pick, as the overrides it is
+    # Every row is scored on the small-photo copy of test too, with per-class accuracy on both.
+    assert "Small photos: each test image shrunk to a longest side of at most 40 px" in table
+    for key in rows:
+        assert 0 <= rows[key]["test_small_acc_mean"] <= 1 and list(rows[key]["test_small_acc_by_class_mean"]) == [
+            "hotdog", "not-hotdog"]
+    assert tuned["runs"][0]["test_small_acc"] == pytest.approx(
+        float(np.mean(list(tuned["runs"][0]["test_small_acc_by_class"].values()))))
     assert (tmp_path / "runs" / "exp" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Its search's report says test was not read there (the rows report it).
     from pipeline.report import build_report
