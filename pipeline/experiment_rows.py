@@ -8,6 +8,7 @@ base config (before the seed). Adding a row is one entry here.
   finetune_tuned  finetune_reuse with experiment.tuned_recipe, then the pick of a Tune search over
                   tune.space on a validation split (its overrides, WiSE-FT alpha and eval crop)
   scratch         the same network from random init, one parameter group, the scratch lr
+  scratch_recipe  scratch with experiment.scratch_recipe: this project's recipe from random init
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from dataclasses import dataclass
 from pipeline.archs import ARCHS
 
 PLAIN_HEAD = {"model.reuse_classifier": False, "model.probe_init": False}
+# None: the scratch defaults, one group at the scratch lr
+SCRATCH = {**PLAIN_HEAD, "model.weights": "none", "model.freeze_bn": False, "model.freeze_depth": 0,
+           "optim.lr": None, "optim.head_lr_mult": None}
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ ROWS: dict[str, Row] = {
         "model.reuse_classifier": True, "model.probe_init": False}),
     "finetune_tuned": Row("fine-tune, Tune-selected", lambda cfg: {
         "model.reuse_classifier": True, **cfg.experiment.tuned_recipe}, searched=True),
-    "scratch": Row("from scratch, seed recipe", lambda cfg: {
-        **PLAIN_HEAD, "model.weights": "none", "model.freeze_bn": False, "model.freeze_depth": 0,
-        "optim.lr": None, "optim.head_lr_mult": None}),  # None: the scratch defaults, one group at the scratch lr
+    "scratch": Row("from scratch, seed recipe", lambda cfg: SCRATCH),
+    "scratch_recipe": Row("from scratch, this project's recipe", lambda cfg: {
+        **SCRATCH, **cfg.experiment.scratch_recipe}),
 }

@@ -79,7 +79,8 @@ def test_zero_shot_accuracy_known_answer(ray_local):
                               for y in labels])
     prep = SimpleNamespace(source=source, classes=["seven", "rest"], reuse_rows={0: 7},
                            splits={"test": SimpleNamespace(dataset=ds)})
-    assert zero_shot_accuracy(prep, "resnet18") == {"test_acc": 0.3, "test_images": 10}
+    assert zero_shot_accuracy(prep, "resnet18") == {"test_acc": 0.3, "test_images": 10,
+                                                    "test_acc_by_class": {"seven": 1.0, "rest": 0.0}}
     prep.reuse_rows = {0: 3}  # category 7 now wins for "the rest"
     assert zero_shot_accuracy(prep, "resnet18")["test_acc"] == 0.7
 
@@ -114,6 +115,11 @@ def test_row_configs_change_only_what_the_row_says():
     scratch = row_config(base, "scratch", 0)
     assert (scratch.model.weights, scratch.model.freeze_bn, scratch.head_lr_mult) == ("none", False, 1.0)
     assert scratch.lr != base.lr
+    own = row_config(base, "scratch_recipe", 0)  # scratch with experiment.scratch_recipe on top
+    assert (own.model.weights, own.model.freeze_bn, own.head_lr_mult, own.model.reuse_classifier) == (
+        "none", False, 1.0, False)
+    assert (own.data.batch_size, own.optim.schedule, own.optim.epochs) == (32, "cosine", 15)
+    assert own.lr == base.experiment.scratch_recipe["optim.lr"]
     tuned = row_config(base, "finetune_tuned", 1, {"optim.lr": 0.02, "model.freeze_depth": 3,
                                                    "data.crop_min_scale": 0.5, "data.eval_crop_size": 256,
                                                    "model.wise_alpha": 0.7})

@@ -62,19 +62,20 @@ class Config:
         return with_changes(self, nested(overrides))
 
     def validate(self) -> Config:
-        """Check every value, tune.space and experiment.tuned_recipe included; raise ConfigError
+        """Check every value, tune.space and the experiment's recipes included; raise ConfigError
         naming the first bad one. Returns self."""
         self.validate_fields()
         check(bool(self.tune.space), "tune.space", self.tune.space, "must name at least one config path to search")
         # The overrides are checked on the config they change, without its own overrides (no recursion).
-        plain = with_changes(self, {"tune": {"space": {}}, "experiment": {"tuned_recipe": {}}})
+        plain = with_changes(self, {"tune": {"space": {}}, "experiment": {"tuned_recipe": {}, "scratch_recipe": {}}})
         check_overrides(plain, self.tune.space, "tune.space", distributions=True)
         check_overrides(plain, self.experiment.tuned_recipe, "experiment.tuned_recipe")
+        check_overrides(plain, self.experiment.scratch_recipe, "experiment.scratch_recipe")
         return self
 
     def validate_fields(self) -> Config:
         """Check every field, each section's own checks and those that span sections; the overrides
-        a config carries (tune.space, experiment.tuned_recipe) are checked by validate."""
+        a config carries (tune.space, the experiment's recipes) are checked by validate."""
         d, s, t = self.data, self.scaling, self.tune
         d.validate()
         s.validate()
