@@ -139,6 +139,13 @@ def test_tuned_recipe_applies_to_the_tuned_row_only():
     for row in ("linear_probe", "finetune", "finetune_reuse", "scratch"):
         c = row_config(base, row, 0)
         assert (c.optim.epochs, c.optim.schedule, c.data.batch_size) == (5, "constant", 128)
+    # The seed-recipe rows keep the book's recipe whatever the base (the defaults) says; the defaults row is the base.
+    base.optim.ema_half_life, base.data.low_res_prob, base.optim.epochs = 2.0, 0.5, 12
+    for row in ("linear_probe", "finetune", "finetune_reuse", "scratch"):
+        c = row_config(base, row, 0)
+        assert (c.optim.ema_half_life, c.data.low_res_prob, c.optim.epochs) == (0.0, 0.0, 5)
+    c = row_config(base, "finetune_defaults", 0)
+    assert (c.optim.ema_half_life, c.data.low_res_prob, c.optim.epochs) == (2.0, 0.5, 12)
     base.model.probe_init = True  # LP-FT set for all: the tuned row only, the others are the seed's rows
     assert [row_config(base, row, 0).model.probe_init for row in ("finetune", "finetune_tuned", "scratch")] == [
         False, True, False]

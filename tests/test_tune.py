@@ -260,7 +260,7 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
     cfg = config_from_args(build_parser().parse_args(
         ["experiment", "--data", tiny_dataset, "--weights", source_weights, "--model.categories", str(categories),
          "--data.image_size", "48", "--data.resize_size", "56", "--batch-size", "16", "--freeze-bn",
-         "--epochs", "2", "--seeds", "1", "--rows", "zero_shot,finetune_reuse,finetune_tuned",
+         "--epochs", "2", "--seeds", "1", "--rows", "zero_shot,finetune_defaults,finetune_tuned",
          "--num-samples", "2", "--tune.space", "{optim.lr: {loguniform: [1e-5, 1e-1]}, model.freeze_depth: "
          "{randint: [0, 3]}, data.crop_min_scale: {choice: [0.25, 0.5]}}",
          "--tune.eval_crop_sizes", "56",  # one choice: the tuned row must evaluate on 56 px crops
@@ -271,9 +271,9 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
     results = json.loads(json.dumps(run_experiment(cfg)).replace("s3://runs/experiment", str(tmp_path / "runs")))
     copy_files("runs/experiment/exp", str(tmp_path / "runs" / "exp"), source_filesystem=storage.resolve("s3://runs")[0])
     rows = results["rows"]
-    assert list(rows) == ["zero_shot", "finetune_reuse", "finetune_tuned"]
+    assert list(rows) == ["zero_shot", "finetune_defaults", "finetune_tuned"]
     assert results["reuse_rows"] == {"hotdog": 934} and 0 <= rows["zero_shot"]["test_acc_mean"] <= 1
-    assert len(rows["finetune_reuse"]["runs"][0]["curve"]) == 2  # the base recipe
+    assert len(rows["finetune_defaults"]["runs"][0]["curve"]) == 2  # the base recipe
     tuned = rows["finetune_tuned"]
     assert len(tuned["runs"][0]["curve"]) == 3 and tuned["tuned"]["data.crop_min_scale"] in (0.25, 0.5)
     assert tuned["tuned"]["data.eval_crop_size"] == 56 and list(tuned["search_val_acc_by_eval_crop"]) == ["56"]
@@ -292,7 +292,7 @@ def test_experiment_command_with_a_tuned_recipe(ray_local, tiny_dataset, source_
     images = np.stack([clf.prepare(open(path, "rb").read()) for path, _ in test_files])
     acc = float((clf.probabilities(images).argmax(1) == np.array([y for _, y in test_files])).mean())
     assert acc == pytest.approx(tuned["runs"][0]["test_acc"], abs=1e-9)
-    assert rows["finetune_reuse"]["runs"][0]["test_images"] == tuned["runs"][0]["test_images"] == 24
+    assert rows["finetune_defaults"]["runs"][0]["test_images"] == tuned["runs"][0]["test_images"] == 24
     search = json.loads((tmp_path / "runs" / "exp" / "tune" / "best.json").read_text())
     assert search["best"]["config"]["optim"]["epochs"] == 3 and search["best"]["config"]["data"]["eval_flip"]
     assert all(t["epochs"] <= 3 for t in search["trials"])
