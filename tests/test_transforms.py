@@ -137,7 +137,7 @@ def test_preset_from_a_configs_data_section():
     cfg = Config()
     cfg.data.crop_min_scale, cfg.data.eval_crop_size = 0.25, 256
     preset = ImagePreset.from_data_config(cfg.to_dict()["data"])
-    assert preset == ImagePreset(224, 256, scale=(0.25, 1.0), eval_crop=256)
+    assert preset == ImagePreset(224, 256, scale=(0.25, 1.0), eval_crop=256, low_res_prob=0.5)
     cfg.data.auto_augment = "ta_wide"
     assert ImagePreset.from_data_config(cfg.to_dict()["data"]).auto_augment == "ta_wide"
 

@@ -25,8 +25,8 @@ RESUME_MODES = ("auto", "never", "must")
 # MobileNetV2 to chance); configs/seed_finetune.yaml reproduces the seed exactly.
 DEFAULT_FINETUNE_LR = 3e-4
 DEFAULT_SCRATCH_LR = 3e-3
-# The experiment's scratch_recipe row: chosen on a validation quarter of seefood's train split
-# (MobileNetV2 from random init, batch 32, cosine, 15 epochs; docs/results.md).
+# The experiment's scratch_recipe row: the defaults from random init at this lr, chosen on a
+# validation quarter of seefood's train split (MobileNetV2; docs/results.md).
 SCRATCH_RECIPE_LR = 1e-2
 
 
@@ -40,7 +40,8 @@ EXPERIMENT_ROWS = tuple(ROWS)
 class DataConfig:
     path: str = setting("", "ImageFolder root (local folder or s3://bucket/prefix) with train/<class>/* "
                       "and test/<class>/*. Empty: d2l's hot dog set, fetched into data/hotdog.", flag="--data")
-    batch_size: int = setting(128, "Global batch size, split evenly across workers.", flag="--batch-size")
+    batch_size: int = setting(32, "Global batch size, split evenly across workers (the seed's is 128; 32 did better on "
+                            "small photos in validation, docs/results.md).", flag="--batch-size")
     image_size: int = setting(224, "Crop size fed to the network (RandomResizedCrop / CenterCrop).")
     resize_size: int = setting(256, "Eval resize of the shorter side before CenterCrop; also the shorter side "
                              "of the decoded copy kept for training crops.")
@@ -60,17 +61,18 @@ class DataConfig:
     crop_min_scale: float = setting(0.08, "Smallest area RandomResizedCrop draws, as a fraction of the image (the "
                                   "seed's and torchvision's 0.08). Larger keeps more of the object in every crop: "
                                   "on small datasets of whole objects (a hot dog filling the photo) it helps.")
-    eval_flip: bool = setting(False, "Test-time augmentation: score each eval image by the mean of its own and its "
+    eval_flip: bool = setting(True, "Test-time augmentation: score each eval image by the mean of its own and its "
                             "mirror image's class probabilities (training flips, so both views are in-distribution; "
                             "one more forward pass per eval image). Off: the seed's single center crop.")
     auto_augment: str = setting("none", "Extra training augmentation after the crop and flip: 'none' (the seed's) or "
                               "'ta_wide' (TrivialAugmentWide, Muller & Hutter 2021, as torchvision references' "
                               "--auto-augment ta_wide: one random photometric or geometric operation per image at a "
                               "random strength; no parameters to tune).")
-    low_res_prob: float = setting(0.0, "Training augmentation for small photos: the share of training images first "
+    low_res_prob: float = setting(0.5, "Training augmentation for small photos: the share of training images first "
                                 "shrunk to a random longest side between image_size / 2 and image_size and saved as "
                                 "JPEG (quality 75), then cropped as usual, so that the network also sees the blur and "
-                                "artifacts of an upsampled small photo. 0: off (the seed's).")
+                                "artifacts of an upsampled small photo. 0: off (the seed's); 0.5 did better than 0 "
+                                "and 1 in validation, on full-size and small photos (docs/results.md).")
     small_eval_side: int = setting(0, "Also score each evaluation split's small-photo copy after the last epoch: "
                                    "every image shrunk so its longest side is at most this many pixels, saved as "
                                    "JPEG (quality 75), then evaluated as usual; reported as <split>_small_acc, with "
@@ -174,7 +176,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = setting(5, "Training epochs.", flag="--epochs")
+    epochs: int = setting(15, "Training epochs (the seed's: 5).", flag="--epochs")
     lr: float | None = setting(None, f"Backbone learning rate for the loss_reduction convention. Default: "
                                 f"{DEFAULT_FINETUNE_LR} with pretrained weights, {DEFAULT_SCRATCH_LR} from scratch.",
                                 flag="--lr")
@@ -182,11 +184,11 @@ class OptimConfig:
                                           "1 (a single group) from scratch.", flag="--head-lr-mult")
     momentum: float = setting(0.9, "SGD momentum (the seed uses 0).", flag="--momentum")
     weight_decay: float = setting(1e-3, "SGD weight decay.", flag="--weight-decay")
-    schedule: str = setting("constant", "LR schedule per step: 'constant' (the seed) or 'cosine' (decay to 0 over "
+    schedule: str = setting("cosine", "LR schedule per step: 'constant' (the seed) or 'cosine' (decay to 0 over "
                           "the run; steadier last epochs on long runs).")
     warmup_epochs: float = setting(0.0, "Linear LR warmup from 0 over this many epochs (0 = none, the seed); helps "
                                  "large learning rates (Tune's upper range) past the fresh head's first steps.")
-    ema_half_life: float = setting(0.0, "Evaluate, export and predict with an exponential moving average of the "
+    ema_half_life: float = setting(3.0, "Evaluate, export and predict with an exponential moving average of the "
                                  "weights (Polyak averaging, torchvision references' --model-ema), updated every "
                                  "step, with this half-life in epochs (0 = off: the trained weights, the seed's). On "
                                  "a small dataset the last epochs' test accuracy swings by points from one epoch to "
@@ -370,13 +372,14 @@ class ExperimentConfig:
     tuned_recipe: dict = setting({}, "Overrides for the Tune-selected row only, its search and its training: dotted "
                                "config paths of data, model, optim or scaling mapped to values, e.g. {optim.epochs: "
                                "15, optim.schedule: cosine}. Tune picks what tune.space searches for this recipe. "
-                               "Empty: the base recipe, as the other rows.")
-    scratch_recipe: dict = setting({"data.batch_size": 32, "optim.schedule": "cosine", "optim.epochs": 15,
-                                    "optim.lr": SCRATCH_RECIPE_LR},
+                               "Empty: the defaults (the finetune_defaults row's recipe).")
+    scratch_recipe: dict = setting({"optim.lr": SCRATCH_RECIPE_LR, "optim.ema_half_life": 0.0,
+                                    "data.low_res_prob": 0.0, "data.eval_flip": False},
                                    "Overrides for the scratch_recipe row (random init, one parameter group), as "
-                                   "tuned_recipe: the project's own recipe from scratch beside the book's (the "
-                                   "scratch row). Its lr was chosen on a validation quarter of seefood's train split "
-                                   "(docs/results.md).")
+                                   "tuned_recipe: this project's recipe from scratch beside the book's (the scratch "
+                                   "row): the defaults' batch, schedule and length, without the weight average, the "
+                                   "low-res view and the mirror at eval; its lr was chosen so, on a validation quarter "
+                                   "of seefood's train split (docs/results.md).")
     small_photo_side: int = setting(224, "Every row is also scored on small-photo copies of test (and the search on "
                                     "validation's): data.small_eval_side for each run. 0: full-size photos only.")
 
