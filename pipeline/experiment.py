@@ -81,6 +81,21 @@ def _row_search(cfg: Config, row: str, seed: int, exp_dir: str) -> tuple[dict, d
     return best["overrides"], extra
 
 
+def _zero_shot(prep: Prepared, cfg: Config, wanted: bool) -> dict | None:
+    """The source classifier's test scores (and its small-photo copy's, if prepared); None without a rule."""
+    zero = zero_shot_accuracy(prep, cfg.model.arch, mirror=cfg.data.eval_flip)
+    if zero:
+        print(f"zero-shot baseline (source classifier, no training): test acc {zero['test_acc']:.3f} "
+              f"on {zero['test_images']} images", flush=True)
+        if "test_small" in prep.splits:
+            small = zero_shot_accuracy(prep, cfg.model.arch, split="test_small", mirror=cfg.data.eval_flip)
+            zero.update({f"test_small_{k.removeprefix('test_')}": v for k, v in small.items()})
+    elif wanted:
+        print("zero-shot: not available (needs pretrained weights whose categories match all classes "
+              "but at most one)", flush=True)
+    return zero
+
+
 def run_experiment(cfg: Config) -> dict:
     t_start = time.perf_counter()
     name = cfg.run.name or run_name(cfg).replace(cfg.model.arch, f"experiment-{cfg.model.arch}", 1)
@@ -96,16 +111,7 @@ def run_experiment(cfg: Config) -> dict:
                      "weights": cfg.model.weights, "seeds": seeds, "classes": prep.classes,
                      "reuse_rows": {prep.classes[t]: s for t, s in prep.reuse_rows.items()},
                      "config": cfg.to_dict(), "rows": {}}
-    zero = zero_shot_accuracy(prep, cfg.model.arch, mirror=cfg.data.eval_flip)
-    if zero:
-        print(f"zero-shot baseline (source classifier, no training): test acc {zero['test_acc']:.3f} "
-              f"on {zero['test_images']} images", flush=True)
-        if "test_small" in prep.splits:
-            small = zero_shot_accuracy(prep, cfg.model.arch, split="test_small", mirror=cfg.data.eval_flip)
-            zero.update({f"test_small_{k.removeprefix('test_')}": v for k, v in small.items()})
-    elif "zero_shot" in rows:
-        print("zero-shot: not available (needs pretrained weights whose categories match all classes "
-              "but at most one)", flush=True)
+    zero = _zero_shot(prep, cfg, "zero_shot" in rows)
     for row in rows:
         t_row = time.perf_counter()
         if row == "zero_shot":

@@ -356,11 +356,10 @@ def run_worker(loop_config: dict) -> list:
         metrics = runner.train_epoch(batches, poster.tracker("train", epoch, epochs, spec.train_images))
         train_s = time.perf_counter() - t0
         batches = runner.prefetch_epoch(train_shard, epoch + 1) if epoch < epochs else None
-        for split, shard in eval_shards.items():  # 'val' chooses (if carved), 'test' is reported
-            if split.endswith(data.SMALL_COPY) and epoch < epochs:
-                continue  # small-photo copies: a report on the run's model, scored once
-            metrics.update(runner.evaluate(shard, split, poster.tracker(split, epoch, epochs,
-                                                                        spec.eval_images[split])))
+        # 'val' chooses (if carved), 'test' is reported; their small-photo copies are scored once, at the end
+        scored = {s: shard for s, shard in eval_shards.items() if epoch == epochs or not s.endswith(data.SMALL_COPY)}
+        for split, shard in scored.items():
+            metrics.update(runner.evaluate(shard, split, poster.tracker(split, epoch, epochs, spec.eval_images[split])))
         streamed_bad = data.undecodable_this_epoch(spec.streamed_files, metrics, world)
         metrics.update(epoch=epoch, examples_per_sec=metrics["train_images"] / train_s,
                        **runner.startup, epoch_time_s=time.perf_counter() - t0,
