@@ -13,6 +13,7 @@ Everything started here is stopped through its own handle; nothing machine-wide.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -27,6 +28,7 @@ import boto3
 import numpy as np
 import pytest
 
+from pipeline.config.sections import DEFAULT_SCRATCH_LR
 from pipeline.devs3 import Identity, LocalS3, free_port
 from pipeline.synthetic import make_image_folder
 from tests.conftest import REPO
@@ -247,7 +249,10 @@ def test_multinode_elastic_run_goes_on_with_one_node_and_grows_back(cluster, mn_
     # The global batch, the steps per epoch and the learning rate are the config's at every size.
     for h in history:
         assert h["per_worker_batch"] * h["world_size"] == 32 and h["train_images"] == 320, h
-    assert len({h["lr"] for h in history}) == 1
+    # The learning rate follows the default cosine decay by epoch, as on one size: after epoch e of E,
+    # lr x (1 + cos(pi e / E)) / 2, whatever the group's size was.
+    expected = [DEFAULT_SCRATCH_LR * (1 + math.cos(math.pi * h["epoch"] / ELASTIC_EPOCHS)) / 2 for h in history]
+    assert [h["lr"] for h in history] == pytest.approx(expected, abs=1e-9)
     print(f"\nelastic: on 1 worker {history[1]['first_step_unix'] - killed:.1f} s after the kill, grown back to 2 at "
           f"epoch {grown}")
 
