@@ -68,10 +68,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def jpeg_round_trip(img: Image.Image, quality: int = SMALL_PHOTO_QUALITY) -> Image.Image:
+def jpeg_bytes(img: Image.Image, quality: int = SMALL_PHOTO_QUALITY) -> bytes:
     out = io.BytesIO()
     img.save(out, "JPEG", quality=quality)
-    return Image.open(io.BytesIO(out.getvalue())).convert("RGB")
+    return out.getvalue()
+
+
+def jpeg_round_trip(img: Image.Image, quality: int = SMALL_PHOTO_QUALITY) -> Image.Image:
+    return Image.open(io.BytesIO(jpeg_bytes(img, quality))).convert("RGB")
 
 
 def shrunk(img: Image.Image, max_side: int) -> Image.Image:
@@ -91,10 +95,7 @@ def small_photo(data: bytes, max_side: int, quality: int = SMALL_PHOTO_QUALITY,
     img = Image.open(io.BytesIO(data))
     check_image_size(*img.size, max_pixels, max_aspect)
     img.draft("RGB", (max_side, max_side))
-    img = shrunk(_to_rgb(ImageOps.exif_transpose(img)), max_side)
-    out = io.BytesIO()
-    img.save(out, "JPEG", quality=quality)
-    return out.getvalue()
+    return jpeg_bytes(shrunk(_to_rgb(ImageOps.exif_transpose(img)), max_side), quality)
 
 
 @dataclass(frozen=True)
