@@ -296,10 +296,10 @@ def summarize(out: dict) -> list[tuple[str, str, str]]:
     if ceiling:
         rows.append(("ceiling: bare loop, synthetic tensors", f"{ceiling:.1f} img/s", ""))
     for p in out.get("pipeline", []):
-        bracket = p.get("ceiling_bracket")
-        ratio = (f"{p['steady_images_per_sec'] / p['ceiling_images_per_sec']:.2f} x ceiling (bare loop before / "
-                 f"after: {bracket[0]:.1f} / {bracket[1]:.1f} img/s)" if bracket else
-                 f"{p['steady_images_per_sec'] / ceiling:.2f} x ceiling" if ceiling else "")
+        base, bracket = p.get("ceiling_images_per_sec") or ceiling, p.get("ceiling_bracket")
+        ratio = f"{p['steady_images_per_sec'] / base:.2f} x ceiling" if base else ""
+        if bracket:
+            ratio += f" (bare loop before / after: {bracket[0]:.1f} / {bracket[1]:.1f} img/s)"
         rows.append((f"pipeline, {p['workers']} worker(s), steady (epochs 2+)",
                      f"{p['steady_images_per_sec']:.1f} img/s", ratio + " (target >= 0.90 with 1 worker)"))
         rows.append((f"pipeline, {p['workers']} worker(s), incl. epoch 1", f"{p['with_first_epoch_images_per_sec']:.1f}"
