@@ -8,8 +8,10 @@ import torch
 import yaml
 
 from pipeline.redact import redact_tree
+from pipeline.scratch import scratch_folder
 
 CHECKPOINT_FILE = "checkpoint.pt"
+STAGING_PREFIX = "ray-finetune-checkpoint-"
 
 
 def save_checkpoint(directory: str, state: dict) -> None:
@@ -23,3 +25,9 @@ def save_checkpoint(directory: str, state: dict) -> None:
 
 def load_checkpoint(directory: str) -> dict:
     return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+
+
+def staging_directory():
+    """A fresh local folder to write a checkpoint into before Ray Train uploads it, removed after."""
+    return scratch_folder(STAGING_PREFIX)

@@ -83,10 +83,11 @@ class LocalS3:
         ports = {k: free_port() for k in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
                                           "filer.port", "filer.port.grpc", "s3.port.grpc", "admin.port",
                                           "admin.port.grpc")}
-        args = [weed, "mini", f"-dir={os.path.join(self.data_dir, 'data')}", "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1", "-master.telemetry=false", "-admin.ui=false", f"-s3.port={self.port}",
-                f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
-                *[f"-{k}={v}" for k, v in ports.items()]]
+        # -logdir: its glog files would otherwise pile up in /tmp, a set per start.
+        args = [weed, f"-logdir={self.data_dir}", "mini", f"-dir={os.path.join(self.data_dir, 'data')}",
+                "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-admin.ui=false",
+                f"-s3.port={self.port}", f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                "-webdav=false", *[f"-{k}={v}" for k, v in ports.items()]]
         log = open(os.path.join(self.data_dir, "weed.log"), "ab")
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready(timeout)

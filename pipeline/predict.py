@@ -53,7 +53,8 @@ class _Predictor:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":  # one actor per CPU it was given: do not oversubscribe
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-        self.clf = Classifier(checkpoint.to_directory(), device=device)
+        with checkpoint.as_directory() as d:  # a download is removed once loaded: one per actor
+            self.clf = Classifier(d, device=device)
 
     def __call__(self, batch: dict) -> dict:
         errors = None

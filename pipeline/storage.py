@@ -10,11 +10,11 @@ import contextlib
 import hashlib
 import os
 import posixpath
-import shutil
-import tempfile
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+from pipeline.scratch import scratch_folder
 
 
 def s3_endpoint() -> str:
@@ -58,30 +58,29 @@ def keys_held_in_a_private_file():
         yield
         return
     saved = {k: os.environ.get(k) for k in (*KEY_VARIABLES, "AWS_SHARED_CREDENTIALS_FILE")}
-    folder = tempfile.mkdtemp(prefix="ray-finetune-credentials-")  # mode 0700: this user only
-    path = os.path.join(folder, "credentials")
-    token = keys.get("AWS_SESSION_TOKEN") or keys.get("AWS_SECURITY_TOKEN")
-    entry = [f"aws_access_key_id = {keys['AWS_ACCESS_KEY_ID']}",
-             f"aws_secret_access_key = {keys['AWS_SECRET_ACCESS_KEY']}"]
-    entry += [f"aws_session_token = {token}"] if token else []
-    # Keys in the environment win over any profile: the same keys under whichever profile is selected.
-    lines = [line for name in dict.fromkeys(["default", os.environ.get("AWS_PROFILE") or "default"])
-             for line in (f"[{name}]", *entry)]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    for k in KEY_VARIABLES:
-        os.environ.pop(k, None)
-    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = path
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(folder, ignore_errors=True)
+    with scratch_folder("ray-finetune-credentials-") as folder:  # mode 0700: this user only
+        path = os.path.join(folder, "credentials")
+        token = keys.get("AWS_SESSION_TOKEN") or keys.get("AWS_SECURITY_TOKEN")
+        entry = [f"aws_access_key_id = {keys['AWS_ACCESS_KEY_ID']}",
+                 f"aws_secret_access_key = {keys['AWS_SECRET_ACCESS_KEY']}"]
+        entry += [f"aws_session_token = {token}"] if token else []
+        # Keys in the environment win over any profile: the same keys under whichever profile is selected.
+        lines = [line for name in dict.fromkeys(["default", os.environ.get("AWS_PROFILE") or "default"])
+                 for line in (f"[{name}]", *entry)]
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        for k in KEY_VARIABLES:
+            os.environ.pop(k, None)
+        os.environ["AWS_SHARED_CREDENTIALS_FILE"] = path
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -224,8 +223,10 @@ def sha256_file(path: str) -> str:
 
 
 def cached_download(uri: str, sha256: str = "", cache_dir: str | None = None) -> str:
-    """Fetch an s3:// object once into a local cache (verified against sha256 when given); return its path."""
-    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "ray-finetune", "objects")
+    """Fetch an s3:// object once into a local cache (verified against sha256 when given); return its path.
+    The cache: cache_dir, else $XDG_CACHE_HOME/ray-finetune/objects (~/.cache when unset)."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    cache_dir = cache_dir or os.path.join(cache_home, "ray-finetune", "objects")
     bucket, key = split_s3(uri)
     local = os.path.join(cache_dir, hashlib.sha256(f"{s3_endpoint()}|{uri}".encode()).hexdigest()[:16],
                          posixpath.basename(key))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import queue
-import tempfile
 import threading
 import time
 
@@ -17,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline import data
-from pipeline.checkpoint_file import load_checkpoint, save_checkpoint
+from pipeline.checkpoint_file import load_checkpoint, save_checkpoint, staging_directory
 from pipeline.config import Config
 from pipeline.console import Poster, quiet_train_worker
 from pipeline.exit_gate import parked_at_exit
@@ -379,7 +378,7 @@ def run_worker(loop_config: dict) -> list:
             ray.train.report(reported)
             continue
         say(epoch_line(epoch, epochs, metrics, eval_shards))
-        with tempfile.TemporaryDirectory() as tmp:
+        with staging_directory() as tmp:
             save_checkpoint(tmp, {**runner.state_dict(), "epoch": epoch, "config": spec.config, "history": history,
                                   "starts": starts, "rng": torch.get_rng_state(), "classes": list(spec.classes),
                                   "mean": list(spec.mean), "std": list(spec.std), "arch": cfg.model.arch})

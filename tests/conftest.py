@@ -15,6 +15,21 @@ from pipeline.synthetic import make_image_folder
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_caches(tmp_path_factory):
+    """The caches the pipeline fills (fetched S3 objects, torch hub downloads) in this session's
+    folder, never the user's home: each session's S3 server is a new endpoint, a new cache key."""
+    cache = tmp_path_factory.mktemp("cache")
+    saved = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "TORCH_HOME")}
+    os.environ.update(XDG_CACHE_HOME=str(cache), TORCH_HOME=str(cache / "torch"))
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3):
     """A real local Ray (the same in-process start a user's `finetune train` does), with the
