@@ -1,5 +1,4 @@
-"""How a run maps onto the cluster: workers, CPUs and threads per worker, the data tasks' share,
-and the training workers' process environment."""
+"""How a run maps onto the cluster: workers, CPUs and threads per worker, the data tasks' share."""
 
 from __future__ import annotations
 
@@ -59,20 +58,3 @@ def worker_count(cfg: Config) -> int | tuple[int, int]:
     goes on with as few as min_workers when nodes are lost and grows back when they return."""
     s = cfg.scaling
     return (s.min_workers, s.workers) if 0 < s.min_workers < s.workers else s.workers
-
-
-# glibc hands every block above 32 MB back to the kernel when freed (mmap/munmap, whatever
-# mmap_threshold says), and Ray Train runs the loop in a thread whose malloc arena is a chain of
-# 64 MB heaps, trimmed with madvise: either way each step's activations are page-faulted and
-# zero-filled anew, and a third of a CPU worker's time went to the kernel. One arena (the main,
-# brk heap), no mmap and no trimming keep them. (glibc's MALLOC_*_ variables: a GLIBC_TUNABLES
-# value set the same way reached the worker with only its first tunable.)
-# Opt-in (scaling.heap_reuse): a block that is the only one of its size is never reused, so the heap
-# can grow by it every step.
-HEAP_REUSE_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)}
-
-
-def worker_malloc_env(heap_reuse: bool) -> dict:
-    """The training workers' glibc malloc settings: read when a process starts, so they go in
-    the workers' runtime env. Nothing when heap_reuse is off (glibc's defaults)."""
-    return dict(HEAP_REUSE_ENV) if heap_reuse else {}

@@ -22,8 +22,9 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import console, data, plots, runstate, selection, start, storage
 from pipeline.config import Config
+from pipeline.heap import worker_malloc_env
 from pipeline.model import load_source_weights, match_classes
-from pipeline.resources import Resources, plan_resources, worker_count, worker_malloc_env
+from pipeline.resources import Resources, plan_resources, worker_count
 from pipeline.start import begin, run_name
 from pipeline.transforms import ImagePreset
 from pipeline.worker_main import train_loop_per_worker

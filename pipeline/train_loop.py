@@ -20,6 +20,7 @@ from pipeline.checkpoint_file import load_checkpoint, save_checkpoint, staging_d
 from pipeline.config import Config
 from pipeline.console import Poster, quiet_train_worker
 from pipeline.exit_gate import parked_at_exit
+from pipeline.heap import HeapTrimmer
 from pipeline.model import (
     SourceWeights,
     WeightAverage,
@@ -125,6 +126,7 @@ class EpochRunner:
         # first batch in hand (training begins) and the first optimizer step done.
         self.startup = {"worker_start_unix": started_unix, "model_ready_unix": time.time(),
                         "first_batch_unix": 0.0, "first_step_unix": 0.0}
+        self.heap = HeapTrimmer()  # scaling.heap_reuse: the kept heap's footprint stays bounded
 
     def _batches(self, shard, shuffle_seed: int | None = None):
         # The buffer mixes rows across several blocks: SGD needs class-mixed batches. It fills
@@ -161,6 +163,7 @@ class EpochRunner:
             self.scheduler.step()
             if self.average is not None:
                 self.average.update(self.raw_model)
+            self.heap.after_step()
             self.startup["first_step_unix"] = self.startup["first_step_unix"] or time.time()
             stats += torch.stack([loss_sum.double(), (logits.argmax(1) == y).sum().double(),
                                   torch.tensor(y.numel(), dtype=torch.float64, device=self.device)])
