@@ -20,6 +20,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+IDENTITIES_FILE = "s3-identities.json"  # in the server's folder: its keys (and its logs print them)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -74,7 +76,7 @@ class LocalS3:
     def _start_once(self, timeout: float) -> LocalS3:
         weed = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
         os.makedirs(self.data_dir, exist_ok=True)
-        config = os.path.join(self.data_dir, "s3-identities.json")
+        config = os.path.join(self.data_dir, IDENTITIES_FILE)
         with open(config, "w") as fh:
             json.dump({"identities": [
                 {"name": name, "credentials": [{"accessKey": i.access_key, "secretKey": i.secret_key}],

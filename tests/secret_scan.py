@@ -5,6 +5,8 @@ import os
 
 import boto3
 
+from pipeline.devs3 import IDENTITIES_FILE
+
 KEY_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
@@ -14,8 +16,9 @@ def held_secrets() -> dict[str, bytes]:
 
 
 def credential_hits(wanted: dict[str, bytes], *, buckets=(), folders=(), skip=()) -> tuple[list[str], int]:
-    """('where: which key' for every hit, how many objects and files were read). Folders under skip
-    (the S3 server's own data, which holds its identities) are not read."""
+    """('where: which key' for every hit, how many objects and files were read). Folders under skip,
+    and any SeaweedFS server's own folder (its identities file, and its logs that print them), are
+    not read: a server holds its keys."""
     hits, scanned = [], 0
     client = boto3.client("s3")
     for bucket in buckets:
@@ -26,7 +29,8 @@ def credential_hits(wanted: dict[str, bytes], *, buckets=(), folders=(), skip=()
                 hits += [f"s3://{bucket}/{obj['Key']}: {k}" for k, v in wanted.items() if v in body]
     for folder in folders:
         for root, dirs, files in os.walk(folder):
-            dirs[:] = [d for d in dirs if os.path.join(root, d) not in skip]
+            dirs[:] = [d for d in dirs if os.path.join(root, d) not in skip
+                       and not os.path.exists(os.path.join(root, d, IDENTITIES_FILE))]
             for name in files:
                 try:
                     with open(os.path.join(root, name), "rb") as fh:
