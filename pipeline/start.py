@@ -72,6 +72,10 @@ def init_ray(address: str = "") -> None:
             # A local in-process Ray is never drained or preempted: Ray Train's preemption watcher
             # would be one more actor process to start (seconds of CPU) before the first step.
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+            # Ray ends a task worker idle for 1 s when more processes than CPUs are up (a run's
+            # actors count): the data tasks, which run in bursts as training takes batches, then
+            # start a fresh process (2 s of CPU) every few seconds. A minute keeps one between bursts.
+            os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
         with console.quiet_ray_start():
             ray.init(address=address, log_to_driver=True, configure_logging=False, **console.ray_init_options())
     ctx = ray.data.DataContext.get_current()

@@ -19,6 +19,7 @@ from pipeline import data
 from pipeline.checkpoint_file import load_checkpoint, save_checkpoint, staging_directory
 from pipeline.config import Config
 from pipeline.console import Poster, quiet_train_worker
+from pipeline.data_priority import lower_split_coordinator_priority
 from pipeline.exit_gate import parked_at_exit
 from pipeline.heap import HeapTrimmer
 from pipeline.model import (
@@ -341,6 +342,8 @@ def run_worker(loop_config: dict) -> list:
         torch.set_num_threads(spec.torch_threads)
     torch.manual_seed(cfg.optim.seed)  # same head init on every rank (DDP also broadcasts it)
     runner = EpochRunner(cfg, spec, ray.get(spec.source) if spec.source is not None else None, started_unix)
+    if runner.device.type == "cpu":
+        lower_split_coordinator_priority()
     poster = Poster(spec.board if rank == 0 else None)
     say = poster.say if rank == 0 else (lambda line: None)
     if runner.average is not None:
