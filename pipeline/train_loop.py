@@ -128,6 +128,8 @@ class EpochRunner:
         self.startup = {"worker_start_unix": started_unix, "model_ready_unix": time.time(),
                         "first_batch_unix": 0.0, "first_step_unix": 0.0}
         self.heap = HeapTrimmer()  # scaling.heap_reuse: the kept heap's footprint stays bounded
+        if self.device.type == "cpu":  # training, the slower side, gets the cores first
+            lower_split_coordinator_priority()
 
     def _batches(self, shard, shuffle_seed: int | None = None):
         # The buffer mixes rows across several blocks: SGD needs class-mixed batches. It fills
@@ -342,8 +344,6 @@ def run_worker(loop_config: dict) -> list:
         torch.set_num_threads(spec.torch_threads)
     torch.manual_seed(cfg.optim.seed)  # same head init on every rank (DDP also broadcasts it)
     runner = EpochRunner(cfg, spec, ray.get(spec.source) if spec.source is not None else None, started_unix)
-    if runner.device.type == "cpu":
-        lower_split_coordinator_priority()
     poster = Poster(spec.board if rank == 0 else None)
     say = poster.say if rank == 0 else (lambda line: None)
     if runner.average is not None:
