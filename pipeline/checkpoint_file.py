@@ -27,7 +27,6 @@ def load_checkpoint(directory: str) -> dict:
     return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
 
 
-
 def staging_directory():
     """A fresh local folder to write a checkpoint into before Ray Train uploads it, removed after."""
     return scratch_folder(STAGING_PREFIX)

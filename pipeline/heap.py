@@ -18,6 +18,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from pipeline.procmem import proc_kb
+
 HEAP_REUSE_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)}
 
 # The footprint a worker may grow to past its settled size before free pages are given back: a
@@ -35,11 +37,7 @@ def worker_malloc_env(heap_reuse: bool) -> dict:
 
 def anonymous_rss_bytes() -> int:
     """This process's resident anonymous memory (the heap, not the object store's shared pages)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return proc_kb("/proc/self/status", "RssAnon:") * 1024
 
 
 def _malloc_trim():

@@ -30,7 +30,8 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def _proc_kb(path: str, key: str) -> int:
+def proc_kb(path: str, key: str) -> int:
+    """A kB field of a /proc file (status, smaps_rollup): 0 where the file or the field is missing."""
     try:
         with open(path) as fh:
             for line in fh:
@@ -54,8 +55,8 @@ class MemorySampler(threading.Thread):
     def run(self):
         while not self.stop_flag.is_set():
             pids = process_tree(self.pid)
-            pss = sum(_proc_kb(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids) / 1024
-            shm = max((_proc_kb(f"/proc/{p}/status", "RssShmem:") for p in pids), default=0) / 1024
+            pss = sum(proc_kb(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids) / 1024
+            shm = max((proc_kb(f"/proc/{p}/status", "RssShmem:") for p in pids), default=0) / 1024
             self.peak_pss_mb, self.peak_shm_mb = max(self.peak_pss_mb, pss), max(self.peak_shm_mb, shm)
             if self.spill_dir:
                 self.peak_spilled_mb = max(self.peak_spilled_mb, spilled_bytes(self.spill_dir) / 2**20)

@@ -20,14 +20,10 @@ def private_caches(tmp_path_factory):
     """The caches the pipeline fills (fetched S3 objects, torch hub downloads) in this session's
     folder, never the user's home: each session's S3 server is a new endpoint, a new cache key."""
     cache = tmp_path_factory.mktemp("cache")
-    saved = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "TORCH_HOME")}
-    os.environ.update(XDG_CACHE_HOME=str(cache), TORCH_HOME=str(cache / "torch"))
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("XDG_CACHE_HOME", str(cache))
+        env.setenv("TORCH_HOME", str(cache / "torch"))
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -90,13 +86,9 @@ def s3(tmp_path_factory):
     server = LocalS3.with_default_identities(str(tmp_path_factory.mktemp("seaweedfs"))).start()
     for bucket in ("runs", "datasets"):
         server.create_bucket(bucket)
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
-    yield server
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as env:
+        for k, v in server.env().items():
+            env.setenv(k, v)
+        env.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+        yield server
     server.stop()
